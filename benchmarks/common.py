@@ -1,0 +1,70 @@
+"""Shared benchmark plumbing: environment record, timing, CSV rows."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except Exception:
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    import numpy
+
+    import diffgen_fast
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "diffgen_fast": diffgen_fast.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": git_sha(),
+    }
+
+
+def bench(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, device=None) -> tuple[float, float]:
+    """(median, spread = max - min) wall time in seconds over `repeat` runs after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), max(times) - min(times)
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    """Append rows to a CSV (header written when the file is new)."""
+    new = not os.path.exists(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        if new:
+            w.writeheader()
+        w.writerows(rows)

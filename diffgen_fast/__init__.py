@@ -1,0 +1,30 @@
+"""diffgen-fast: exact, fast empirical optimal denoisers, KDE and kNN for diffusion-model memorization studies."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from diffgen_fast.data import TrainingSet
+from diffgen_fast.denoisers import EmpiricalDenoiser, GaussianDenoiser
+from diffgen_fast.errors import BackendUnavailableError, DataFormatError, DiffgenError, InputError, InputTypeError
+from diffgen_fast.metrics.memorization import MemorizationResult, memorization
+from diffgen_fast.ops import kde_log_density, knn, softmax_denoise
+from diffgen_fast.sampling import sample
+
+__all__ = [
+    "__version__",
+    "TrainingSet",
+    "EmpiricalDenoiser",
+    "GaussianDenoiser",
+    "MemorizationResult",
+    "memorization",
+    "softmax_denoise",
+    "kde_log_density",
+    "knn",
+    "sample",
+    "BackendUnavailableError",
+    "DataFormatError",
+    "DiffgenError",
+    "InputError",
+    "InputTypeError",
+]

@@ -1,0 +1,148 @@
+"""Which backend runs an op.
+
+`backend=` accepts "auto", "torch" (the chunked reference, everywhere), "triton", "cpu" (native C++), "cuda" (native
+CUDA) and, for knn, "faiss". A backend named explicitly that cannot run raises BackendUnavailableError saying why;
+"auto" never raises for a missing optional backend and logs its pick at debug level. DIFFGEN_FAST_BACKEND overrides
+"auto" for the whole process (ignored by ops that have no backend of that name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from diffgen_fast.errors import BackendUnavailableError, InputError
+
+log = logging.getLogger("diffgen_fast.dispatch")
+
+BACKENDS = ("auto", "torch", "triton", "cpu", "cuda", "faiss")
+OPS = ("softmax_denoise", "knn")
+ENV_VAR = "DIFFGEN_FAST_BACKEND"
+
+
+@dataclass
+class Backend:
+    op: str
+    name: str
+    # probe(device) -> None if it can run on that device, else the reason it cannot
+    probe: Callable[[Optional[torch.device]], Optional[str]]
+    load: Callable[[], Callable]
+    description: str
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+
+# Backends the blueprint names but this version does not implement yet, and where they are planned.
+_PLANNED = {
+    ("softmax_denoise", "triton"): "not implemented yet (planned: fused Triton kernels)",
+    ("softmax_denoise", "cpu"): "not implemented yet (planned: native C++ CPU kernels; _C has only the merges)",
+    ("softmax_denoise", "cuda"): "not implemented yet (planned: native CUDA small-d kernel)",
+    ("softmax_denoise", "faiss"): "faiss serves knn only",
+    ("knn", "triton"): "not implemented yet (planned: fused Triton kNN)",
+    ("knn", "cpu"): "not implemented yet (planned: native C++ CPU top-k)",
+    ("knn", "cuda"): "not implemented yet (planned: native CUDA top-k)",
+    ("knn", "faiss"): "not implemented yet (planned: faiss-cpu / faiss-gpu indexes)",
+}
+
+# Preference order of "auto" per op; the first whose probe passes runs.
+_AUTO_ORDER = {
+    "softmax_denoise": ("triton", "cuda", "cpu", "torch"),
+    "knn": ("cuda", "triton", "cpu", "faiss", "torch"),
+}
+
+
+def register(op: str, name: str, *, probe, load, description: str) -> None:
+    _REGISTRY[op][name] = Backend(op, name, probe, load, description)
+
+
+def _check_name(backend: str, what: str = "backend") -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise InputError(f"{what}: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def _reason(op: str, name: str, device: Optional[torch.device]) -> Optional[str]:
+    b = _REGISTRY[op].get(name)
+    if b is None:
+        return _PLANNED.get((op, name), f"no backend {name!r} for {op}")
+    return b.probe(device)
+
+
+def resolve(op: str, backend: str, device: Optional[torch.device] = None) -> tuple[str, Callable]:
+    """(name, implementation) of the backend that runs `op` for inputs on `device`."""
+    _check_name(backend)
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            _check_name(env, ENV_VAR)
+            if not (op == "softmax_denoise" and env == "faiss"):  # faiss is a knn-only backend
+                return resolve(op, env, device)
+        for name in _AUTO_ORDER[op]:
+            if name in _REGISTRY[op] and _reason(op, name, device) is None:
+                log.debug("%s: auto picked backend %r on %s", op, name, device)
+                return name, _REGISTRY[op][name].load()
+        raise BackendUnavailableError(f"{op}: no backend can run on device {device}")  # torch always can
+    why = _reason(op, backend, device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend={backend!r} cannot run {op} on {device}: {why}")
+    return backend, _REGISTRY[op][backend].load()
+
+
+def backend_table(device: Optional[torch.device] = None) -> list[dict]:
+    """One row per (op, backend): available on `device` (default: CPU, and CUDA when present) and why not."""
+    devices = [torch.device("cpu")] if device is None else [torch.device(device)]
+    if device is None and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    rows = []
+    for op in OPS:
+        for name in BACKENDS[1:]:
+            if op == "softmax_denoise" and name == "faiss":
+                continue
+            b = _REGISTRY[op].get(name)
+            for dev in devices:
+                why = _reason(op, name, dev)
+                rows.append(
+                    dict(
+                        op=op,
+                        backend=name,
+                        device=dev.type,
+                        available=why is None,
+                        reason=(b.description if (why is None and b is not None) else why),
+                    )
+                )
+    return rows
+
+
+def _always(device):
+    return None
+
+
+def _load_softmax_torch():
+    from diffgen_fast.ops.softmax_denoise.reference import softmax_denoise_torch
+
+    return softmax_denoise_torch
+
+
+def _load_knn_torch():
+    from diffgen_fast.ops.knn.reference import knn_torch
+
+    return knn_torch
+
+
+register(
+    "softmax_denoise",
+    "torch",
+    probe=_always,
+    load=_load_softmax_torch,
+    description="reference: chunked torch with the exact (m, l, o) merge; exact/fast/auto precision; any device",
+)
+register(
+    "knn",
+    "torch",
+    probe=_always,
+    load=_load_knn_torch,
+    description="reference: chunked torch, fp32 candidates + exact float64 re-rank; any device",
+)

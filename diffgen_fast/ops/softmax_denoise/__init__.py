@@ -1,0 +1,87 @@
+"""softmax_denoise and kde_log_density: the public functions, dispatching to a backend."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import torch
+
+from diffgen_fast.ops import dispatch
+from diffgen_fast.ops._checks import check_precision, per_query
+from diffgen_fast.ops._prepare import back, prepare
+from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult
+
+SigmaLike = Union[float, torch.Tensor, Any]
+
+
+def softmax_denoise(
+    x,
+    train,
+    sigma: SigmaLike,
+    alpha: SigmaLike = 1.0,
+    *,
+    return_lse: bool = False,
+    return_stats: bool = False,
+    backend: str = "auto",
+    precision: str = "auto",
+):
+    """The empirical optimal denoiser D*(x) = sum_i w_i y_i, w = softmax_i(-||x - alpha y_i||^2 / (2 sigma^2)).
+
+    Args:
+        x: [M, *shape] or [M, d] noisy queries (torch tensor or numpy array, floating dtype, finite).
+        train: [N, *shape] or [N, d] training points, or a TrainingSet (any loader: .npy memmap, images, ...).
+        sigma: noise level, a float or one per query ([M], or [M, 1, 1, 1] as EDM passes it); > 0.
+        alpha: signal scale (VP: x = alpha y + sigma n), a float or [M]; > 0. Default 1 (VE / EDM).
+        return_lse: also return lse [M] = log sum_i exp(-||x - alpha y_i||^2 / (2 sigma^2)), unnormalised.
+        return_stats: return a DenoiseResult(denoised, lse, top_weight, n_eff) instead; top_weight = max_i w_i,
+            n_eff = 1 / sum_i w_i^2 (effective number of neighbours).
+        backend: "auto", "torch", "triton", "cpu", "cuda" (see diffgen_fast.ops.dispatch).
+        precision: "auto", "fast" or "exact" (docs/precision.md for the error of each per backend).
+
+    Returns:
+        denoised [M, *shape] in x's dtype (accumulated in float32, or float64 when x or train is float64), the same
+        kind (torch / numpy) as x; with return_lse, (denoised, lse) with lse float64 if accumulated in float64 else
+        float32.
+    """
+    precision = check_precision(precision)
+    xt, x2, ts, was_np = prepare(x, train)
+    M = x2.shape[0]
+    s = per_query(sigma, M, "sigma", device=x2.device)
+    a = per_query(alpha, M, "alpha", device=x2.device)
+    _, impl = dispatch.resolve("softmax_denoise", backend, x2.device)
+    res: DenoiseResult = impl(x2, ts, s, a, precision=precision)
+    out = res.denoised.to(xt.dtype).reshape(xt.shape)
+    lse_dtype = torch.float64 if res.denoised.dtype == torch.float64 else torch.float32
+    if return_stats:
+        return DenoiseResult(
+            back(out, was_np),
+            back(res.lse.to(lse_dtype), was_np),
+            back(res.top_weight, was_np),
+            back(res.n_eff, was_np),
+        )
+    if return_lse:
+        return back(out, was_np), back(res.lse.to(lse_dtype), was_np)
+    return back(out, was_np)
+
+
+def kde_log_density(x, train, bandwidth: SigmaLike, *, backend: str = "auto"):
+    """Gaussian-KDE log-density of the training set: log (1/N) sum_i N(x; y_i, h^2 I).
+
+    log p_h(x) = LSE_i(-||x - y_i||^2 / (2 h^2)) - log N - (d / 2) log(2 pi h^2)   (SCIENCE.md section 3)
+
+    Args:
+        x: [M, *shape] or [M, d] query points; train: [N, *shape], [N, d] or a TrainingSet.
+        bandwidth: h > 0, a float or one per query [M].
+    Returns:
+        [M] log-densities, float64 if x or train is float64 else float32; numpy if x was numpy.
+    """
+    xt, x2, ts, was_np = prepare(x, train)
+    M, d = x2.shape
+    h = per_query(bandwidth, M, "bandwidth", device=x2.device)
+    one = torch.ones(M, dtype=torch.float64, device=x2.device)
+    _, impl = dispatch.resolve("softmax_denoise", backend, x2.device)
+    res: DenoiseResult = impl(x2, ts, h, one, precision="exact", need_out=False)
+    logp = res.lse - math.log(len(ts)) - 0.5 * d * torch.log(2.0 * math.pi * h * h)
+    dtype = torch.float64 if torch.float64 in (x2.dtype, ts.dtype) else torch.float32
+    return back(logp.to(dtype), was_np)
