@@ -1,0 +1,453 @@
+"""The ``diffgen-fast`` command line: ``demo`` and ``info``.
+
+Also runs as ``python -m diffgen_fast``. Errors raised by the package (``DiffgenError``) are printed as one line
+``error: ...`` with exit status 2 instead of a traceback. Heavy imports (torch, matplotlib) happen inside the
+commands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from diffgen_fast import __version__
+from diffgen_fast.errors import DiffgenError
+
+# The backends a user can name for the demo; "faiss" serves knn only, so the denoiser could not use it.
+DEMO_BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+
+# Optional packages reported by `info`: display name -> (distribution names to try, import name).
+_OPTIONAL = {
+    "triton": (("triton", "pytorch-triton"), "triton"),
+    "faiss": (("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss"), "faiss"),
+    "sklearn": (("scikit-learn",), "sklearn"),
+    "pykeops": (("pykeops",), "pykeops"),
+}
+
+
+class _Group(click.Group):
+    """A click group that turns package errors (and OS errors such as an unwritable folder) into one clean line
+    and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (DiffgenError, OSError) as e:
+            msg = " ".join(str(e).split()) or type(e).__name__
+            click.echo(f"error: {msg}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings=dict(help_option_names=["-h", "--help"], max_content_width=120))
+@click.version_option(__version__, prog_name="diffgen-fast", message="%(prog)s %(version)s")
+def main() -> None:
+    """diffgen-fast: exact, fast empirical optimal denoisers, KDE and kNN for diffusion memorization studies.
+
+    \b
+    Examples:
+
+    \b
+    # Sample 8x8 digits with the empirical optimum and the Gaussian denoiser, score memorization
+    diffgen-fast demo --out demo_out
+
+    \b
+    # Smaller and faster, without progress bars
+    diffgen-fast demo --n 16 --steps 10 --no-progress
+
+    \b
+    # Versions, devices, backends and a 2-second self-check against float64 references
+    diffgen-fast info
+    """
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# demo
+
+
+@main.command(short_help="Sample digits with the empirical optimum and the Gaussian denoiser; report memorization.")
+@click.option(
+    "--out",
+    "out_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="demo_out",
+    show_default=True,
+    help="Where to write the report",
+)
+@click.option(
+    "--n", "n", metavar="INT", type=click.IntRange(min=2), default=64, show_default=True, help="Samples per denoiser"
+)
+@click.option(
+    "--steps", metavar="INT", type=click.IntRange(min=1), default=18, show_default=True, help="Sampler steps (EDM Heun)"
+)
+@click.option(
+    "--seed",
+    metavar="INT",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Random seed of the initial noise",
+)
+@click.option(
+    "--backend",
+    metavar="NAME",
+    type=click.Choice(DEMO_BACKENDS),
+    default="auto",
+    show_default=True,
+    help="Denoiser / kNN backend: " + "|".join(DEMO_BACKENDS),
+)
+@click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bars")
+def demo(out_dir: Path, n: int, steps: int, seed: int, backend: str, no_progress: bool) -> None:
+    """Show the empirical optimum memorizing: sample, score with the NN ratio test, write a report.
+
+    Draws N samples of the built-in 8x8 digits (1797 images) with the empirical optimal denoiser and N with the
+    Gaussian (linear) denoiser, runs the nearest-neighbour ratio test (memorized when ||x-NN1||/||x-NN2|| < 1/3)
+    and writes report.md, report.json, figures and per-sample CSV files into DIR.
+
+    \b
+    Examples:
+
+    \b
+    diffgen-fast demo                              # 64 samples each, 18 steps, into ./demo_out
+    diffgen-fast demo --n 8 --steps 6 --out /tmp/d # a quick smoke run
+    """
+    from diffgen_fast.report import run_demo
+
+    t0 = time.perf_counter()
+    summary = run_demo(out_dir, n=n, steps=steps, seed=seed, backend=backend, progress=not no_progress)
+    elapsed = time.perf_counter() - t0
+
+    data, settings = summary.get("data", {}), summary.get("settings", {})
+    click.echo(
+        f"digits: N={data.get('n_train')}, d={data.get('d')}; {settings.get('n_samples')} samples per denoiser, "
+        f"{settings.get('sampler')} {settings.get('steps')} steps, seed {settings.get('seed')}, "
+        f"backend {settings.get('backend')}"
+    )
+    rows = []
+    for name, d in summary.get("denoisers", {}).items():
+        t = d.get("timings", {})
+        frac = d.get("memorized_fraction")
+        med = d.get("median_ratio")
+        rows.append(
+            [
+                name,
+                str(d.get("n_samples")),
+                "n/a" if frac is None else f"{100 * frac:.1f}%",
+                "n/a" if med is None else f"{med:.4f}",
+                f"{t.get('sample_s', float('nan')) + t.get('score_s', float('nan')):.2f} s",
+            ]
+        )
+    click.echo()
+    click.echo(_table(["denoiser", "samples", "memorized", "median ratio", "time"], rows, "lrrrr"))
+    click.echo()
+    click.echo("expected: ~100% memorized for the empirical optimum, ~0% for the Gaussian denoiser (threshold 1/3)")
+    click.echo("wrote:")
+    for rel in summary.get("files", {}).values():
+        click.echo(f"  {Path(out_dir) / rel}")
+    click.echo(f"done in {elapsed:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# info
+
+
+def _table(headers: list[str], rows: list[list[str]], align: str = "") -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    align = align.ljust(len(headers), "l")
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for c, w, a in zip(cells, widths, align):
+            out.append(str(c).rjust(w) if a == "r" else str(c).ljust(w))
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _optional_version(dists: tuple[str, ...], module: str) -> str:
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return "installed (version unknown)" if found else "not installed"
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.1e}".replace(".0e", "e")
+
+
+def _first_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+@dataclass
+class _Check:
+    name: str
+    op: str
+    backend: str
+    device: str
+    ok: bool
+    detail: str
+    raised: str | None = None
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def _run_check(checks: list[_Check], name: str, op: str, backend: str, device: str, fn: Callable[[], dict]) -> None:
+    """fn() -> {error name: (value, tolerance)}; PASS when every error is finite and <= its tolerance."""
+    try:
+        errors = fn()
+    except Exception as e:  # a self-check must report, never crash
+        checks.append(_Check(name, op, backend, device, False, f"raised {_first_line(e)}", raised=_first_line(e)))
+        return
+    ok = all(math.isfinite(v) and v <= tol for v, tol in errors.values())
+    tols = {tol for _, tol in errors.values()}
+    if len(tols) == 1:
+        detail = ", ".join(f"{k} {_num(v)}" for k, (v, _) in errors.items()) + f" (tol {_num(tols.pop())})"
+    else:
+        detail = ", ".join(f"{k} {_num(v)} (tol {_num(tol)})" for k, (v, tol) in errors.items())
+    checks.append(_Check(name, op, backend, device, ok, detail, errors=errors))
+
+
+def _self_checks(rows: list[dict]) -> list[_Check]:
+    """Tiny random problems on every available backend, against the float64 naive references."""
+    import torch
+
+    from diffgen_fast.ops import kde_log_density, knn, softmax_denoise
+    from diffgen_fast.ops.knn.naive import knn_naive
+    from diffgen_fast.ops.softmax_denoise.naive import kde_log_density_naive, softmax_denoise_naive
+
+    g = torch.Generator().manual_seed(1234)
+    N, d, M, k = 203, 37, 9, 5  # awkward sizes on purpose
+    train = torch.rand(N, d, generator=g, dtype=torch.float64) * 2 - 1
+    pick = torch.randint(0, N, (M,), generator=g)
+    noise = torch.randn(M, d, generator=g, dtype=torch.float64)
+
+    def queries(sigma: float) -> torch.Tensor:
+        # Near training points, as during sampling: the regime where the norm expansion cancels.
+        return (train[pick] + sigma * noise).float()
+
+    train32 = train.float()
+
+    def check_denoise(b: str, dev: str, sigma: float) -> dict:
+        x = queries(sigma)
+        out, lse = softmax_denoise(x.to(dev), train32.to(dev), sigma, return_lse=True, backend=b, precision="exact")
+        ref_out, ref_lse = softmax_denoise_naive(x, train32, sigma)
+        e_out = (out.double().cpu() - ref_out).abs().max().item()
+        e_lse = ((lse.double().cpu() - ref_lse).abs() / (1 + ref_lse.abs())).max().item()
+        return {"out": (e_out, 1e-4), "lse(rel)": (e_lse, 1e-4)}
+
+    def check_kde(b: str, dev: str, h: float) -> dict:
+        x = queries(h)
+        got = kde_log_density(x.to(dev), train32.to(dev), h, backend=b)
+        ref = kde_log_density_naive(x, train32, h)
+        return {"logp(rel)": (((got.double().cpu() - ref).abs() / (1 + ref.abs())).max().item(), 1e-4)}
+
+    def check_knn(b: str, dev: str) -> dict:
+        x = queries(0.05)
+        x[0] = train32[7]  # an exact copy: distance 0
+        d2, idx = knn(x.to(dev), train32.to(dev), k, backend=b)
+        ref_d2, ref_idx = knn_naive(x, train32, k)
+        d2, idx = d2.double().cpu(), idx.cpu()
+        e_d = ((d2 - ref_d2).abs() / (1 + ref_d2)).max().item()
+        # Tie-aware: an index may differ only where the reference has (near-)equal neighbouring distances.
+        gaps = torch.full_like(ref_d2, float("inf"))
+        diff = (ref_d2[:, 1:] - ref_d2[:, :-1]).abs() / (1 + ref_d2[:, 1:])
+        gaps[:, 1:] = torch.minimum(gaps[:, 1:], diff)
+        gaps[:, :-1] = torch.minimum(gaps[:, :-1], diff)
+        bad = ((idx != ref_idx) & (gaps > 1e-5)).sum().item()
+        return {"sqdist(rel)": (e_d, 1e-4), "index mismatches": (bad, 0)}
+
+    checks: list[_Check] = []
+    for row in rows:
+        if not row.get("available"):
+            continue
+        op, b, dev = row["op"], row["backend"], str(row.get("device", "cpu"))
+        if op == "softmax_denoise":
+            for sigma in (0.01, 1.0, 50.0):
+                _run_check(
+                    checks, f"softmax_denoise exact sigma={sigma:g}", op, b, dev, partial(check_denoise, b, dev, sigma)
+                )
+            _run_check(checks, "kde_log_density h=0.3", op, b, dev, partial(check_kde, b, dev, 0.3))
+        elif op == "knn":
+            _run_check(checks, f"knn k={k}", op, b, dev, partial(check_knn, b, dev))
+
+    native = _native_merge_check()
+    if native is not None:
+        checks.append(native)
+    return checks
+
+
+def _native_merge_check() -> _Check | None:
+    """Native softmax-state merge against ops.merge, when the extension is built."""
+    try:
+        from diffgen_fast import _native
+
+        if not _native.available():
+            return None
+    except Exception:
+        return None
+    checks: list[_Check] = []
+
+    def check_merge() -> dict:
+        import torch
+
+        from diffgen_fast.ops.merge import SoftmaxState, merge_softmax_states
+
+        g = torch.Generator().manual_seed(7)
+        M, d = 13, 29
+
+        def state(empty_rows: slice) -> SoftmaxState:
+            m = torch.randn(M, generator=g, dtype=torch.float64) * 5
+            l = torch.rand(M, generator=g, dtype=torch.float64) * 3 + 1
+            q = l * torch.rand(M, generator=g, dtype=torch.float64)
+            o = torch.randn(M, d, generator=g, dtype=torch.float32)
+            m[empty_rows], l[empty_rows], q[empty_rows], o[empty_rows] = float("-inf"), 0.0, 0.0, 0.0
+            return SoftmaxState(m, l, q, o)
+
+        a, b = state(slice(0, 2)), state(slice(1, 3))  # row 1 empty in both, rows 0 / 2 empty in one
+        ref = merge_softmax_states(a, b)
+        got = _native.merge_softmax_states(a, b)
+        errs = {}
+        for key in ("m", "l", "q", "o"):
+            r, x = getattr(ref, key).double(), getattr(got, key).double().cpu()
+            same_inf = torch.isinf(r) & (r == x)
+            diff = torch.where(same_inf, torch.zeros_like(r), (x - r).abs() / (1 + r.abs()))
+            errs[key] = (diff.max().item(), 1e-6)
+        return errs
+
+    _run_check(checks, "native merge_softmax_states", "merge", "cpu", "cpu", check_merge)
+    return checks[0]
+
+
+@main.command(short_help="Versions, devices, native extension, backend table and a quick self-check.")
+@click.option("--no-check", is_flag=True, default=False, help="Skip the self-check against the float64 references")
+def info(no_check: bool) -> None:
+    """Versions, devices, the native extension, the backend table and a quick self-check.
+
+    The self-check (about 2 s at most) runs a tiny random problem on every available backend of every op
+    (softmax_denoise with precision="exact" at sigma 0.01, 1 and 50; kde_log_density; knn; the native merge when
+    built) and compares it with the float64 brute-force reference; it exits with status 1 if any check fails. A
+    backend listed as available whose call raises is shown as unavailable, with the error.
+
+    \b
+    Examples:
+
+    \b
+    diffgen-fast info             # everything, with the self-check
+    diffgen-fast info --no-check  # no computation, just what is installed
+    """
+    import numpy
+    import torch
+
+    click.echo("versions")
+    versions = [
+        ["python", platform.python_version()],
+        ["diffgen_fast", __version__],
+        ["torch", torch.__version__],
+        ["numpy", numpy.__version__],
+    ]
+    versions += [[name, _optional_version(dists, mod)] for name, (dists, mod) in _OPTIONAL.items()]
+    w = max(len(k) for k, _ in versions)
+    for k, v in versions:
+        click.echo(f"  {k.ljust(w)}  {v}")
+
+    click.echo("\ndevices")
+    click.echo(f"  platform      {platform.platform()}")
+    click.echo(f"  cpu threads   {torch.get_num_threads()} (torch intra-op), {os.cpu_count()} logical cores")
+    if torch.cuda.is_available():
+        click.echo(f"  CUDA          yes: {torch.cuda.device_count()} device(s), CUDA {torch.version.cuda}")
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            click.echo(f"    cuda:{i}      {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        why = "torch built without CUDA" if torch.version.cuda is None else "no CUDA device or driver found"
+        click.echo(f"  CUDA          no ({why})")
+
+    click.echo("\nnative extension (diffgen_fast._C)")
+    try:
+        from diffgen_fast import _native
+
+        if _native.available():
+            bi = _native.build_info()
+            click.echo("  built: yes")
+            if isinstance(bi, dict):
+                for k, v in bi.items():
+                    click.echo(f"    {k}: {v}")
+            else:
+                click.echo(f"    {bi}")
+        else:
+            click.echo(f"  built: no ({_native.unavailable_reason()})")
+    except Exception as e:
+        click.echo(f"  built: no (diffgen_fast._native failed: {_first_line(e)})")
+
+    from diffgen_fast.ops.dispatch import ENV_VAR, backend_table
+
+    rows = backend_table()
+    checks: list[_Check] = []
+    t0 = time.perf_counter()
+    if not no_check:
+        checks = _self_checks(rows)
+    check_s = time.perf_counter() - t0
+
+    by_backend: dict[tuple[str, str, str], list[_Check]] = {}
+    for c in checks:
+        by_backend.setdefault((c.op, c.backend, c.device), []).append(c)
+
+    click.echo("\nbackends")
+    if os.environ.get(ENV_VAR):
+        click.echo(f"  {ENV_VAR}={os.environ[ENV_VAR]} overrides backend='auto'")
+    table = []
+    for r in rows:
+        key = (r["op"], r["backend"], str(r.get("device", "cpu")))
+        mine = by_backend.get(key, [])
+        available, reason = bool(r["available"]), str(r.get("reason") or "")
+        raised = next((c.raised for c in mine if c.raised), None)
+        if available and raised:  # listed as available, but calling it fails: say so
+            available, reason = False, f"listed available but raised {raised}"
+        if not r["available"]:
+            status = "-"
+        elif no_check:
+            status = "not run"
+        elif not mine:
+            status = "no check"
+        else:
+            status = "PASS" if all(c.ok for c in mine) else "FAIL"
+        table.append([r["op"], r["backend"], key[2], "yes" if available else "no", status, reason])
+    click.echo(_indent(_table(["op", "backend", "device", "available", "check", "reason"], table)))
+    click.echo("  (kde_log_density runs on the softmax_denoise backends)")
+
+    if no_check:
+        click.echo("\nself-check skipped (--no-check); 'available' is what each backend's probe reports")
+        return
+    click.echo(f"\nself-check against the float64 references ({check_s:.1f} s)")
+    crows = [["PASS" if c.ok else "FAIL", c.name, c.backend, c.device, c.detail] for c in checks]
+    click.echo(_indent(_table(["result", "check", "backend", "device", "max error"], crows)))
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        click.echo(f"\n{len(failed)} of {len(checks)} checks FAILED", err=True)
+        click.get_current_context().exit(1)
+    click.echo(f"\nall {len(checks)} checks passed")
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line for line in text.splitlines())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
