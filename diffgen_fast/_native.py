@@ -1,0 +1,185 @@
+"""The one place Python touches the native extension ``diffgen_fast._C``.
+
+``_C`` takes raw pointers (``tensor.data_ptr()``), shapes and dtype names, and knows nothing of torch. This module
+turns CPU tensors into those arguments after checking them, so everything above it speaks tensors. The import of
+``_C`` is lazy and never raises: ``available()`` says whether the extension can be used, ``unavailable_reason()``
+why not. Setting ``DIFFGEN_FAST_DISABLE_EXT=1`` makes it unavailable (read on every call), so tests and users can
+force the pure-torch fallback. Functions that need the extension raise ``BackendUnavailableError`` without it.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from diffgen_fast.errors import BackendUnavailableError, InputError, InputTypeError
+from diffgen_fast.ops.merge import SoftmaxState
+
+DISABLE_ENV = "DIFFGEN_FAST_DISABLE_EXT"
+
+_module: ModuleType | None = None
+_import_error: str | None = None
+_import_tried = False
+
+_O_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _disabled_value() -> str | None:
+    value = os.environ.get(DISABLE_ENV, "").strip()
+    return value if value.lower() in {"1", "true", "yes", "on"} else None
+
+
+def _load() -> ModuleType | None:
+    global _module, _import_error, _import_tried
+    if _disabled_value() is not None:
+        return None
+    if not _import_tried:
+        try:
+            from diffgen_fast import _C
+        except (ImportError, OSError) as exc:
+            _import_error = (
+                f"cannot import diffgen_fast._C: {exc} (not built, or built for another Python/platform; "
+                "reinstall with DIFFGEN_FAST_BUILD_EXT=1 pip install -v . to see the build error)"
+            )
+        else:
+            _module = _C
+        _import_tried = True
+    return _module
+
+
+def available() -> bool:
+    """True when the native extension is built, importable, and not disabled by DIFFGEN_FAST_DISABLE_EXT."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native extension cannot be used (the ImportError text, or the env override); None when it can."""
+    value = _disabled_value()
+    if value is not None:
+        return f"disabled by {DISABLE_ENV}={value}"
+    return None if _load() is not None else _import_error
+
+
+def ensure_available() -> None:
+    """Raise BackendUnavailableError, with the reason, when the native extension cannot be used."""
+    _require()
+
+
+def _require() -> ModuleType:
+    module = _load()
+    if module is None:
+        raise BackendUnavailableError(
+            f"the native CPU backend (diffgen_fast._C) is unavailable: {unavailable_reason()}"
+        )
+    return module
+
+
+def build_info() -> dict[str, Any] | None:
+    """How the extension was built (compiler, C++ standard, OpenMP, SIMD flags, CUDA, version); None without it."""
+    module = _load()
+    return None if module is None else dict(module.build_info())
+
+
+def get_num_threads() -> int:
+    """The number of threads the native kernels use (their own setting; torch's is separate)."""
+    return int(_require().get_num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the native kernels use; torch.set_num_threads is not affected."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise InputTypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise InputError(f"n must be >= 1, got {n}")
+    _require().set_num_threads(n)
+
+
+def _check_tensor(t: Any, name: str, dtypes: tuple[torch.dtype, ...], ndim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise InputError(f"{name} must be on the CPU for the native backend, got device {t.device}")
+    if t.layout != torch.strided:
+        raise InputError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in dtypes:
+        expected = " or ".join(str(dt) for dt in dtypes)
+        raise InputTypeError(f"{name} must have dtype {expected}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise InputError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.requires_grad:
+        raise InputError(f"{name} requires grad; the native merge has no autograd (use the torch backend)")
+    return t
+
+
+def _as_state(s: Any, name: str) -> SoftmaxState:
+    if isinstance(s, SoftmaxState):
+        return s
+    if isinstance(s, tuple) and len(s) == 4:
+        return SoftmaxState(*s)
+    raise InputTypeError(f"{name} must be a SoftmaxState (m, l, q, o), got {type(s).__name__}")
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous copy that the kernel may write into."""
+    out = torch.empty(tuple(t.shape), dtype=t.dtype, device="cpu")
+    out.copy_(t)
+    return out
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its memory already holds its values contiguously, else a contiguous copy."""
+    return t.resolve_conj().resolve_neg().contiguous()
+
+
+def merge_softmax_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
+    """Native twin of diffgen_fast.ops.merge.merge_softmax_states for CPU tensors.
+
+    Returns a new state: a copy of ``a`` with ``b`` merged into it; ``a`` and ``b`` are left untouched. m, l, q
+    must be float64 [M]; o is [M, d] float32 or float64 (the same in both), or None in either, which gives
+    o = None as in the reference. Non-contiguous inputs are copied. No autograd.
+    """
+    module = _require()
+    a, b = _as_state(a, "a"), _as_state(b, "b")
+    f64 = (torch.float64,)
+    am, al, aq = (_check_tensor(getattr(a, k), f"a.{k}", f64, 1) for k in "mlq")
+    bm, bl, bq = (_check_tensor(getattr(b, k), f"b.{k}", f64, 1) for k in "mlq")
+    M = am.shape[0]
+    for name, t in (("a.l", al), ("a.q", aq), ("b.m", bm), ("b.l", bl), ("b.q", bq)):
+        if t.shape[0] != M:
+            raise InputError(f"{name} has {t.shape[0]} rows but a.m has {M}")
+
+    ao = bo = None
+    d, o_dtype = 0, "float64"
+    if a.o is not None and b.o is not None:
+        ao = _check_tensor(a.o, "a.o", tuple(_O_DTYPES), 2)
+        bo = _check_tensor(b.o, "b.o", tuple(_O_DTYPES), 2)
+        if ao.shape[0] != M:
+            raise InputError(f"a.o has {ao.shape[0]} rows but a.m has {M}")
+        if bo.shape != ao.shape:
+            raise InputError(f"b.o has shape {tuple(bo.shape)} but a.o has {tuple(ao.shape)}")
+        if bo.dtype != ao.dtype:
+            raise InputTypeError(f"b.o has dtype {bo.dtype} but a.o has {ao.dtype}; they must match")
+        d, o_dtype = ao.shape[1], _O_DTYPES[ao.dtype]
+
+    m, l, q = _owned(am), _owned(al), _owned(aq)
+    m2, l2, q2 = _readable(bm), _readable(bl), _readable(bq)
+    o = o2 = None
+    if ao is not None and bo is not None:
+        o, o2 = _owned(ao), _readable(bo)
+    module.merge_softmax_states(
+        m.data_ptr(),
+        l.data_ptr(),
+        q.data_ptr(),
+        0 if o is None else o.data_ptr(),
+        m2.data_ptr(),
+        l2.data_ptr(),
+        q2.data_ptr(),
+        0 if o2 is None else o2.data_ptr(),
+        M,
+        d,
+        o_dtype,
+    )
+    return SoftmaxState(m, l, q, o)
