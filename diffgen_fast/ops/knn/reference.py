@@ -35,8 +35,7 @@ def knn_torch(x: torch.Tensor, train, k: int, *, chunk_size: Optional[int] = Non
     for start, Y in train.iter_chunks(chunk_size or default_chunk_size(d), device=dev):
         n = Y.shape[0]
         Yg = Y.to(gemm)
-        Y64 = Y.to(torch.float64)
-        yy = (Y64 * Y64).sum(dim=1)
+        yy = torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
         ymax = float(yy.max().sqrt())
         kk = min(k, n)
         mb = max(1, min(M, _TILE_ELEMS // n))
@@ -51,7 +50,7 @@ def knn_torch(x: torch.Tensor, train, k: int, *, chunk_size: Optional[int] = Non
                 if kc == n or bool((vals[:, kc - 1] > vals[:, kk - 1] + 2.0 * B).all()):
                     break
                 kc = min(n, 2 * kc)
-            exact = exact_sqdist_pairs(x64[r0:r1], Y64, idx)
+            exact = exact_sqdist_pairs(x64[r0:r1], Y, idx)
             dk, ik = select_topk(exact, idx + start, kk)
             chunk_d.append(dk)
             chunk_i.append(ik)

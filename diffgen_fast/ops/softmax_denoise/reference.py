@@ -63,17 +63,28 @@ def exact_sqdist_pairs(
 
 
 def _tile_state(
-    S: torch.Tensor, xx: torch.Tensor, inv2s2: torch.Tensor, Y_out: Optional[torch.Tensor], o_dtype: torch.dtype
+    T: torch.Tensor,
+    a: torch.Tensor,
+    xx: torch.Tensor,
+    inv2s2: torch.Tensor,
+    Y_out: Optional[torch.Tensor],
+    o_dtype: torch.dtype,
 ) -> SoftmaxState:
-    """Softmax state of one tile: S [m, n] (float32/64), xx, inv2s2 [m] float64, Y_out [n, d] or None."""
-    smax = S.max(dim=1).values
-    scale = inv2s2.to(S.dtype).clamp(max=torch.finfo(S.dtype).max)
-    z = (S - smax[:, None]) * scale[:, None]
-    z = torch.where(S == smax[:, None], torch.zeros_like(z), z)  # 0 * inf at vanishing sigma
-    P = torch.exp(z)
-    m = (smax.to(torch.float64) - xx) * inv2s2
-    l = P.sum(dim=1, dtype=torch.float64)
-    q = (P * P).sum(dim=1, dtype=torch.float64)
+    """Softmax state of one tile, consuming T [m, n] (float32/64) in place; a, xx, inv2s2: [m] float64.
+
+    T_i = 2 x.y_i / a - ||y_i||^2, so the logit is z_i = (a^2 T_i - ||x||^2) / (2 s^2).
+    """
+    tmax = T.max(dim=1).values
+    empty = torch.isneginf(tmax)  # rows whose every entry was masked out (-inf) contribute the empty state
+    tmax = torch.where(empty, torch.zeros_like(tmax), tmax)
+    c = a * a * inv2s2
+    # clamped, so that at vanishing sigma the row max gets 0 * max = 0 (not 0 * inf = nan) and the others -inf
+    scale = c.to(T.dtype).clamp(max=torch.finfo(T.dtype).max)
+    P = T.sub_(tmax[:, None]).mul_(scale[:, None]).exp_()
+    m = (a * a * tmax.to(torch.float64) - xx) * inv2s2
+    m = torch.where(empty, torch.full_like(m, float("-inf")), m)
+    l = P.sum(dim=1).to(torch.float64)
+    q = torch.linalg.vector_norm(P, dim=1).to(torch.float64).square()
     o = None if Y_out is None else P.to(o_dtype) @ Y_out
     return SoftmaxState(m, l, q, o)
 
@@ -95,56 +106,72 @@ def softmax_denoise_torch(
     """
     M, d = x.shape
     dev = x.device
-    acc = acc_dtype(x.dtype, train.dtype)
-    fast_gemm = torch.promote_types(x.dtype, train.dtype)
+    acc = acc_dtype(x.dtype, train.dtype)  # also the "fast" GEMM dtype: fp16/bf16 inputs are upcast exactly
     o_dtype = acc if precision == "fast" else torch.float64
     inv2s2 = 0.5 / (sigma * sigma)
     x64 = x.to(torch.float64)
     xx = (x64 * x64).sum(dim=1)
     xnorm = xx.sqrt()
+    x_scaled = x64 * (2.0 / alpha)[:, None]  # x' = 2 x / a, so that T = x' Y^T - ||y||^2 is one addmm
+    x_fast = x_scaled.to(acc)
     state = empty_softmax_state(M, d if need_out else None, dtype=o_dtype, device=dev)
     chunk = chunk_size or default_chunk_size(d)
-    x_fast = x.to(fast_gemm)
-    gamma_fast = gemm_error_bound(d, fast_gemm, dev, inputs_rounded=x.dtype != train.dtype)
-    gamma64 = gemm_error_bound(d, torch.float64, dev, inputs_rounded=False)
+    # certified |S error| per row is 2 a gamma ||x|| max||y|| (S = a^2 T); x' is rounded to acc (inputs_rounded)
+    gamma_fast = gemm_error_bound(d, acc, dev, inputs_rounded=acc != torch.float64)
+    gamma64 = gemm_error_bound(d, torch.float64, dev, inputs_rounded=True)
 
     for _, Y in train.iter_chunks(chunk, device=dev):
         n = Y.shape[0]
-        Y64 = Y.to(torch.float64)
-        yy = (Y64 * Y64).sum(dim=1)
+        yy = torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
         ymax = float(yy.max().sqrt())
         mb = max(1, min(M, _TILE_ELEMS // n))
-        Y_fast = None
-        Y_out = Y64 if o_dtype == torch.float64 else Y.to(o_dtype)
+        Y_fast = Y64 = neg_yy_fast = None
         for r0 in range(0, M, mb):
             r1 = min(M, r0 + mb)
             a = alpha[r0:r1]
-            # certified bound on |S error| per row from the fast GEMM
-            err_fast = 2.0 * a * gamma_fast * xnorm[r0:r1] * ymax
+            err_fast = 2.0 * a * gamma_fast * xnorm[r0:r1] * ymax + 4.0 * torch.finfo(acc).eps * (a * a * ymax * ymax)
             use_fast = precision == "fast" or (
                 precision == "auto" and bool(((err_fast * inv2s2[r0:r1]) <= AUTO_TOL).all())
             )
             if use_fast:
                 if Y_fast is None:
-                    Y_fast = Y.to(fast_gemm)
-                G = (x_fast[r0:r1] @ Y_fast.T).to(acc)
-                S = 2.0 * a.to(acc)[:, None] * G - (a * a).to(acc)[:, None] * yy.to(acc)[None, :]
+                    Y_fast, neg_yy_fast = Y.to(acc), (-yy).to(acc)
+                T = torch.addmm(neg_yy_fast[None, :], x_fast[r0:r1], Y_fast.T)
+                Y_out = Y_fast if o_dtype == acc else None
             else:
-                G = x64[r0:r1] @ Y64.T
-                S = 2.0 * a[:, None] * G - (a * a)[:, None] * yy[None, :]
-                err = 2.0 * a * gamma64 * xnorm[r0:r1] * ymax + 2.0**-51 * (
+                if acc != torch.float64:
+                    if Y_fast is None:
+                        Y_fast, neg_yy_fast = Y.to(acc), (-yy).to(acc)
+                    tile = _sparse_exact_tile(
+                        x_fast[r0:r1],
+                        x64[r0:r1],
+                        Y,
+                        Y_fast,
+                        neg_yy_fast,
+                        a,
+                        xx[r0:r1],
+                        sigma[r0:r1],
+                        inv2s2[r0:r1],
+                        err_fast,
+                        need_out,
+                        o_dtype,
+                    )
+                    if tile is not None:
+                        _merge_rows(state, tile, r0, r1)
+                        continue
+                if Y64 is None:
+                    Y64 = Y.to(torch.float64)
+                T = torch.addmm(-yy[None, :], x_scaled[r0:r1], Y64.T)
+                err = 2.0 * a * gamma64 * xnorm[r0:r1] * ymax + 2.0**-50 * (
                     2 * a * xnorm[r0:r1] * ymax + a * a * ymax * ymax
                 )
                 if bool(((err * inv2s2[r0:r1]) > 2.0**-40).any()):
-                    _refine(S, x64[r0:r1], Y64, a, xx[r0:r1], sigma[r0:r1], err)
-            tile = _tile_state(S, xx[r0:r1], inv2s2[r0:r1], Y_out if need_out else None, o_dtype)
-            part = SoftmaxState(
-                state.m[r0:r1], state.l[r0:r1], state.q[r0:r1], None if state.o is None else state.o[r0:r1]
-            )
-            merged = merge_softmax_states(part, tile)
-            state.m[r0:r1], state.l[r0:r1], state.q[r0:r1] = merged.m, merged.l, merged.q
-            if state.o is not None:
-                state.o[r0:r1] = merged.o
+                    _refine(T, x64[r0:r1], Y, a, xx[r0:r1], sigma[r0:r1], err)
+                Y_out = Y64
+            if need_out and Y_out is None:
+                Y_out = Y.to(o_dtype)
+            tile = _tile_state(T, a, xx[r0:r1], inv2s2[r0:r1], Y_out if need_out else None, o_dtype)
+            _merge_rows(state, tile, r0, r1)
 
     out, lse, top_w, n_eff = finalize_softmax_state(state)
     if out is not None:
@@ -152,26 +179,85 @@ def softmax_denoise_torch(
     return DenoiseResult(out, lse, top_w, n_eff)
 
 
-def _refine(
-    S: torch.Tensor,
+def _merge_rows(state: SoftmaxState, tile: SoftmaxState, r0: int, r1: int) -> None:
+    """Merge a tile's state into rows r0:r1 of the running state, in place."""
+    part = SoftmaxState(state.m[r0:r1], state.l[r0:r1], state.q[r0:r1], None if state.o is None else state.o[r0:r1])
+    merged = merge_softmax_states(part, tile)
+    state.m[r0:r1], state.l[r0:r1], state.q[r0:r1] = merged.m, merged.l, merged.q
+    if state.o is not None:
+        state.o[r0:r1] = merged.o
+
+
+def _sparse_exact_tile(
+    x_fast: torch.Tensor,
     x64: torch.Tensor,
-    Y64: torch.Tensor,
+    Y: torch.Tensor,
+    Y_fast: torch.Tensor,
+    neg_yy_fast: torch.Tensor,
+    a: torch.Tensor,
+    xx: torch.Tensor,
+    sigma: torch.Tensor,
+    inv2s2: torch.Tensor,
+    err_fast: torch.Tensor,
+    need_out: bool,
+    o_dtype: torch.dtype,
+) -> Optional[SoftmaxState]:
+    """ "exact" at the cost of "fast" when few points carry the mass (small sigma), else None.
+
+    One fp32 GEMM gives T with a certified error; every point within 2 s^2 TAIL_NATS + 2 err of the row max is a
+    candidate. If no row has more than N_REFINE candidates, the candidates' state is computed exactly in float64 from
+    their difference-based distances, the rest (each < e^-TAIL_NATS of the top weight) from the fp32 tile, and the
+    two states are merged. Otherwise the caller falls back to a float64 GEMM.
+    """
+    T = torch.addmm(neg_yy_fast[None, :], x_fast, Y_fast.T)
+    a2 = a * a
+    window = ((2.0 * sigma * sigma * TAIL_NATS + 2.0 * err_fast) / a2).to(T.dtype)
+    tmax = T.max(dim=1).values
+    inside = T >= (tmax - window)[:, None]
+    c = int(inside.sum(dim=1).max())
+    if c > N_REFINE:
+        return None
+    vals, idx = torch.topk(T, c, dim=1)
+    keep = vals >= (tmax - window)[:, None]
+    d2 = exact_sqdist_pairs(x64, Y, idx, a)
+    z = torch.where(keep, -d2 * inv2s2[:, None], torch.full_like(d2, float("-inf")))
+    m = z.max(dim=1).values
+    p = torch.exp(z - m[:, None])
+    o = None
+    if need_out:
+        o = torch.zeros(x64.shape[0], Y.shape[1], dtype=o_dtype, device=x64.device)
+        for j in range(c):
+            o += p[:, j : j + 1].to(o_dtype) * Y[idx[:, j]].to(o_dtype)
+    cand = SoftmaxState(m, p.sum(dim=1), (p * p).sum(dim=1), o)
+    T.scatter_(1, idx, torch.where(keep, torch.full_like(vals, float("-inf")), vals))
+    rest = _tile_state(T, a, xx, inv2s2, Y_fast if need_out else None, Y_fast.dtype)
+    return merge_softmax_states(cand, rest)
+
+
+def _refine(
+    T: torch.Tensor,
+    x64: torch.Tensor,
+    Y: torch.Tensor,
     a: torch.Tensor,
     xx: torch.Tensor,
     sigma: torch.Tensor,
     err: torch.Tensor,
 ) -> None:
-    """Recompute in place, as differences, S for the heaviest candidates of each row (those that carry the mass)."""
-    n = S.shape[1]
+    """Recompute in place, as differences, T for the heaviest candidates of each row (those that carry the mass).
+
+    err: certified |S error| per row (S = a^2 T); candidates are within 2 s^2 TAIL_NATS + 2 err of the max in S.
+    """
+    n = T.shape[1]
     c = min(n, N_REFINE)
-    top = torch.topk(S, c, dim=1).indices
-    window = 2.0 * sigma * sigma * TAIL_NATS + 2.0 * err
-    smax = S.max(dim=1).values
-    vals = torch.gather(S, 1, top)
-    keep = vals >= (smax - window)[:, None]
-    d2 = exact_sqdist_pairs(x64, Y64, top, a)
-    exact = xx[:, None] - d2
-    S.scatter_(1, top, torch.where(keep, exact, vals))
+    top = torch.topk(T, c, dim=1).indices
+    a2 = a * a
+    window = (2.0 * sigma * sigma * TAIL_NATS + 2.0 * err) / a2
+    tmax = T.max(dim=1).values
+    vals = torch.gather(T, 1, top)
+    keep = vals >= (tmax - window)[:, None]
+    d2 = exact_sqdist_pairs(x64, Y, top, a)
+    exact = (xx[:, None] - d2) / a2[:, None]
+    T.scatter_(1, top, torch.where(keep, exact, vals))
 
 
 def lse_constant(d: int, n: int, bandwidth: torch.Tensor) -> torch.Tensor:
