@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +43,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # e.g. `diffgen-fast info | head`: stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except (DiffgenError, OSError) as e:
             msg = " ".join(str(e).split()) or type(e).__name__
             click.echo(f"error: {msg}", err=True)

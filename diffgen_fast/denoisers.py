@@ -36,6 +36,14 @@ class _Denoiser(torch.nn.Module):
         self.img_resolution = self.shape[-1] if len(self.shape) == 3 else None
         self.label_dim = 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser's data lives; sample() draws on this device by default."""
+        train = getattr(self, "train_set", None)
+        if train is not None:
+            return torch.device(train.device)
+        return next(self.buffers()).device
+
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
@@ -74,7 +82,7 @@ class EmpiricalDenoiser(_Denoiser):
             raise InputError("train: empty training set; expected at least one point")
         ts.check_finite()
         super().__init__(ts)
-        self.train = ts
+        self.train_set = ts
         self.backend = backend
         self.precision = precision
         if ts.labels is not None:
@@ -84,11 +92,11 @@ class EmpiricalDenoiser(_Denoiser):
     def forward(self, x, sigma, class_labels=None, *, alpha=1.0):
         xt = self._check_x(x)
         if class_labels is None:
-            return softmax_denoise(xt, self.train, sigma, alpha, backend=self.backend, precision=self.precision)
+            return softmax_denoise(xt, self.train_set, sigma, alpha, backend=self.backend, precision=self.precision)
         return self._conditional(xt, sigma, alpha, class_labels)
 
     def _conditional(self, x: torch.Tensor, sigma, alpha, class_labels) -> torch.Tensor:
-        if self.train.labels is None:
+        if self.train_set.labels is None:
             raise InputError("class_labels: this training set has no labels")
         M = x.shape[0]
         lab = torch.as_tensor(class_labels)
@@ -102,10 +110,10 @@ class EmpiricalDenoiser(_Denoiser):
         out = torch.empty_like(x)
         for c in lab.unique().tolist():
             if c not in self._by_class:
-                idx = (self.train.labels == c).nonzero().reshape(-1)
+                idx = (self.train_set.labels == c).nonzero().reshape(-1)
                 if idx.numel() == 0:
                     raise InputError(f"class_labels: class {c} has no training points")
-                self._by_class[c] = self.train.subset(idx)
+                self._by_class[c] = self.train_set.subset(idx)
             rows = (lab == c).nonzero().reshape(-1).to(x.device)
             out[rows] = softmax_denoise(
                 x[rows], self._by_class[c], s[rows], a[rows], backend=self.backend, precision=self.precision

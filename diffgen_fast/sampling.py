@@ -66,7 +66,7 @@ def sample(
         seed: seeds a CPU generator, so samples are the same on every device.
         shape: item shape; default denoiser.shape.
         latents: [n, *shape] standard-normal starting noise instead of drawing it from seed.
-        device: where to sample (default: the denoiser's buffers' device, else CPU).
+        device: where to sample (default: denoiser.device, else its buffers' device, else CPU).
         dtype: dtype the denoiser sees; the sampler state is float64 (as in EDM).
         progress: True for a tqdm bar, or a tqdm-like factory.
     Returns:
@@ -83,6 +83,8 @@ def sample(
     shape = tuple(shape if shape is not None else getattr(denoiser, "shape", ()))
     if not shape:
         raise InputError("shape: the denoiser has no .shape attribute; pass shape=(C, H, W) or (d,)")
+    if device is None:
+        device = getattr(denoiser, "device", None)
     if device is None:
         bufs = list(denoiser.buffers()) if isinstance(denoiser, torch.nn.Module) else []
         device = bufs[0].device if bufs else torch.device("cpu")

@@ -128,3 +128,35 @@ def test_sample_any_callable_with_shape():
     out = sample(D, 3, steps=4, shape=(5,))
     assert out.shape == (3, 5) and len(calls) == 7 and calls[0].shape == (3,)
     torch.testing.assert_close(out, torch.zeros(3, 5))
+
+
+def test_ddim_matches_hand_written_steps():
+    """Deterministic DDIM (eta = 0) on the DDPM schedule, written out from Song et al. with the VE call."""
+    from diffgen_fast.schedules import ddim_timesteps, vp_alphas_cumprod
+
+    y = TrainingSet.gaussian(40, 3, seed=1)
+    G = GaussianDenoiser(y)
+    lat = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = sample(G, 2, steps=4, sampler="ddim", latents=lat, dtype=torch.float64)
+    abar = vp_alphas_cumprod()
+    ts = ddim_timesteps(4).tolist()
+    x = lat
+    for j, t in enumerate(ts):
+        a_t, s_t = abar[t].sqrt(), (1 - abar[t]).sqrt()
+        x0 = G(x / a_t, s_t / a_t)
+        eps = (x - a_t * x0) / s_t
+        ab_prev = abar[ts[j + 1]] if j + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    torch.testing.assert_close(got, x)
+
+
+def test_sampler_uses_the_denoiser_device(digits):
+    D = EmpiricalDenoiser(digits)
+    assert D.device == torch.device("cpu") and GaussianDenoiser(digits).device == torch.device("cpu")
+
+
+def test_modules_keep_nn_module_behaviour(digits):
+    """train() / eval() are nn.Module methods (EDM scripts call net.eval()); the data lives in .train_set."""
+    for D in (EmpiricalDenoiser(digits), GaussianDenoiser(digits)):
+        assert D.eval() is D and not D.training and D.train() is D and D.training
+    assert EmpiricalDenoiser(digits).train_set is digits

@@ -67,3 +67,14 @@ def test_numpy_and_image_shapes():
     d2, idx = knn(x.reshape(4, 3, 2, 2).numpy(), y.reshape(50, 3, 2, 2).numpy(), 2)
     assert isinstance(d2, np.ndarray) and idx.dtype == np.int64
     assert_knn_matches(d2, idx, x, y, 2, rtol=1e-6)
+
+
+def test_memmapped_training_set(tmp_path, monkeypatch):
+    from diffgen_fast.ops.knn import reference as knn_ref
+
+    x, y = make_problem(7, 301, 5, seed=8)
+    np.save(tmp_path / "t.npy", y.numpy())
+    ts = TrainingSet.from_npy(tmp_path / "t.npy")
+    monkeypatch.setattr(knn_ref, "default_chunk_size", lambda d: 40)
+    d2, idx = knn(x, ts, 4)
+    assert_knn_matches(d2, idx, x, y, 4, rtol=1e-6)

@@ -168,3 +168,19 @@ def test_exact_paths_sparse_candidates_and_float64_fallback(monkeypatch, sigma, 
     out2, lse2 = softmax_denoise(x, y, sigma, return_lse=True, backend="torch", precision="exact")
     torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse2, lse, rtol=1e-7, atol=1e-6)
+
+
+def test_memmapped_training_set_streams_in_chunks(tmp_path, monkeypatch):
+    """A .npy training set is read chunk by chunk (never loaded) and gives the in-memory answer."""
+    x, y = make_problem(9, 503, 24, seed=30)
+    path = tmp_path / "train.npy"
+    np.save(path, y.numpy())
+    ts = TrainingSet.from_npy(path)
+    assert not ts.is_in_memory
+    monkeypatch.setattr(reference, "default_chunk_size", lambda d: 50)  # 11 chunks
+    for sigma in (0.002, 0.3, 30.0):
+        a, la = softmax_denoise(x, ts, sigma, return_lse=True)
+        b, lb = softmax_denoise(x, y, sigma, return_lse=True)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(la, lb, rtol=1e-7, atol=1e-6)
+    assert not ts.is_in_memory
