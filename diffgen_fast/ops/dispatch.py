@@ -38,7 +38,6 @@ _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
 
 # Backends the blueprint names but this version does not implement yet, and where they are planned.
 _PLANNED = {
-    ("softmax_denoise", "triton"): "not implemented yet (planned: fused Triton kernels)",
     ("softmax_denoise", "cpu"): "not implemented yet (planned: native C++ CPU kernels; _C has only the merges)",
     ("softmax_denoise", "cuda"): "not implemented yet (planned: native CUDA small-d kernel)",
     ("softmax_denoise", "faiss"): "faiss serves knn only",
@@ -71,17 +70,32 @@ def _reason(op: str, name: str, device: Optional[torch.device]) -> Optional[str]
     return b.probe(device)
 
 
-def resolve(op: str, backend: str, device: Optional[torch.device] = None) -> tuple[str, Callable]:
-    """(name, implementation) of the backend that runs `op` for inputs on `device`."""
+def _auto_candidate(op: str, name: str, device: Optional[torch.device], dtype: Optional[torch.dtype]) -> bool:
+    """Rules of "auto" beyond "can it run": GPU kernels only for CUDA tensors (the Triton interpreter is for tests),
+    and float64 stays on the torch reference (the kernels compute in fp32)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if name in ("triton", "cuda") and (dev.type != "cuda" or dtype == torch.float64):
+        return False
+    return True
+
+
+def resolve(
+    op: str, backend: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+) -> tuple[str, Callable]:
+    """(name, implementation) of the backend that runs `op` for inputs on `device` with dtype `dtype`."""
     _check_name(backend)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
             _check_name(env, ENV_VAR)
             if not (op == "softmax_denoise" and env == "faiss"):  # faiss is a knn-only backend
-                return resolve(op, env, device)
+                return resolve(op, env, device, dtype)
         for name in _AUTO_ORDER[op]:
-            if name in _REGISTRY[op] and _reason(op, name, device) is None:
+            if (
+                name in _REGISTRY[op]
+                and _auto_candidate(op, name, device, dtype)
+                and _reason(op, name, device) is None
+            ):
                 log.debug("%s: auto picked backend %r on %s", op, name, device)
                 return name, _REGISTRY[op][name].load()
         raise BackendUnavailableError(f"{op}: no backend can run on device {device}")  # torch always can
@@ -126,6 +140,18 @@ def _load_softmax_torch():
     return softmax_denoise_torch
 
 
+def _probe_softmax_triton(device):
+    from diffgen_fast.ops.softmax_denoise import triton as tri
+
+    return tri.probe(device)
+
+
+def _load_softmax_triton():
+    from diffgen_fast.ops.softmax_denoise.triton import softmax_denoise_triton
+
+    return softmax_denoise_triton
+
+
 def _load_knn_torch():
     from diffgen_fast.ops.knn.reference import knn_torch
 
@@ -145,4 +171,12 @@ register(
     probe=_always,
     load=_load_knn_torch,
     description="reference: chunked torch, fp32 candidates + exact float64 re-rank; any device",
+)
+register(
+    "softmax_denoise",
+    "triton",
+    probe=_probe_softmax_triton,
+    load=_load_softmax_triton,
+    description="Triton: two GEMM passes (scores + bias + row partials; P Y split over d and N), fused kernel for "
+    "d <= 256; fp32/fp16/bf16; exact = 3xTF32 + float64 re-rank of the mass-carrying candidates",
 )
