@@ -32,9 +32,18 @@ def environment(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
     return {
         "device": name,
         "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "",
+        "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "numpy": numpy.__version__,
         "diffgen_fast": diffgen_fast.__version__,
         "python": platform.python_version(),
@@ -60,11 +69,21 @@ def bench(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, device=
 
 
 def write_rows(path: str, rows: list[dict]) -> None:
-    """Append rows to a CSV (header written when the file is new)."""
-    new = not os.path.exists(path)
+    """Append rows to a CSV; when the columns differ from the file's, the file is rewritten with the union
+    (atomically: a temporary file, then os.replace)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    old: list[dict] = []
+    fields: list[str] = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            old = list(reader)
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(old + rows)
+    os.replace(tmp, path)
