@@ -11,6 +11,7 @@
 #include <limits>
 #include <string>
 
+#include "bind_util.h"
 #include "cpu/merge.h"
 #include "cpu/parallel.h"
 
@@ -27,48 +28,7 @@ static const char* const kVersion = "unknown";
 
 namespace {
 
-std::string type_name(const py::handle& h) { return py::str(py::type::handle_of(h).attr("__name__")); }
-
-bool is_int(const py::handle& h) { return PyLong_Check(h.ptr()) && !PyBool_Check(h.ptr()); }
-
-// A pointer passed as a Python int (tensor.data_ptr()); 0 is the null pointer.
-std::uintptr_t as_pointer(const py::handle& h, const char* name) {
-    if (!is_int(h)) {
-        throw py::type_error(std::string(name) +
-                             " must be a pointer given as a Python int (e.g. tensor.data_ptr()), got " + type_name(h));
-    }
-    int overflow = 0;
-    const long long signed_value = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
-    if (overflow < 0 || (overflow == 0 && signed_value < 0)) {
-        throw py::value_error(std::string(name) + " must be a non-negative pointer value, got " +
-                              std::string(py::str(h)));
-    }
-    const unsigned long long value = PyLong_AsUnsignedLongLong(h.ptr());
-    if (PyErr_Occurred() != nullptr ||
-        value > static_cast<unsigned long long>(std::numeric_limits<std::uintptr_t>::max())) {
-        PyErr_Clear();
-        throw py::value_error(std::string(name) + " does not fit in a pointer: " + std::string(py::str(h)));
-    }
-    return static_cast<std::uintptr_t>(value);
-}
-
-std::int64_t as_size(const py::handle& h, const char* name) {
-    if (!is_int(h)) throw py::type_error(std::string(name) + " must be an int, got " + type_name(h));
-    int overflow = 0;
-    const long long value = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
-    if (overflow != 0 || value < 0) {
-        throw py::value_error(std::string(name) + " must be >= 0, got " + std::string(py::str(h)));
-    }
-    return static_cast<std::int64_t>(value);
-}
-
-void require_pointer(std::uintptr_t p, std::size_t align, const char* name, const char* what) {
-    if (p == 0) throw py::value_error(std::string(name) + " is a null pointer (0); expected " + what);
-    if (p % align != 0) {
-        throw py::value_error(std::string(name) + " is not aligned to " + std::to_string(align) +
-                              " bytes; expected " + what);
-    }
-}
+using namespace diffgen_fast::bind;
 
 template <typename T>
 void run_merge(std::uintptr_t m1, std::uintptr_t l1, std::uintptr_t q1, std::uintptr_t o1, std::uintptr_t m2,
@@ -197,7 +157,12 @@ py::dict build_info() {
 #else
     info["optimized"] = false;
 #endif
+#ifdef DIFFGEN_FAST_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_build"] = diffgen_fast::cuda_build_info();
+#else
     info["cuda"] = false;
+#endif
     info["pybind11_version"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
                                std::to_string(PYBIND11_VERSION_MINOR) + "." +
                                std::to_string(PYBIND11_VERSION_PATCH);
@@ -235,4 +200,9 @@ PYBIND11_MODULE(_C, mod) {
     mod.def("get_num_threads", &diffgen_fast::cpu::get_num_threads,
             "The number of threads later kernel calls use: set_num_threads's value, else the OpenMP default\n"
             "(OMP_NUM_THREADS or the core count); 1 without OpenMP.");
+
+    diffgen_fast::register_cpu_kernels(mod);
+#ifdef DIFFGEN_FAST_WITH_CUDA
+    diffgen_fast::register_cuda_kernels(mod);
+#endif
 }
