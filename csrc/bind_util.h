@@ -61,6 +61,7 @@ inline void require_pointer(std::uintptr_t p, std::size_t align, const char* nam
 // Registration of each kernel family's functions on the module (csrc/cpu/bindings_cpu.cpp,
 // csrc/cuda/bindings_cuda.cpp). CUDA ones exist only when setup.py compiled the .cu files.
 void register_cpu_kernels(pybind11::module_& mod);
+void register_cpu_knn(pybind11::module_& mod);  // csrc/cpu/bindings_knn.cpp
 #ifdef DIFFGEN_FAST_WITH_CUDA
 void register_cuda_kernels(pybind11::module_& mod);
 pybind11::dict cuda_build_info();

@@ -202,6 +202,7 @@ PYBIND11_MODULE(_C, mod) {
             "(OMP_NUM_THREADS or the core count); 1 without OpenMP.");
 
     diffgen_fast::register_cpu_kernels(mod);
+    diffgen_fast::register_cpu_knn(mod);
 #ifdef DIFFGEN_FAST_WITH_CUDA
     diffgen_fast::register_cuda_kernels(mod);
 #endif
