@@ -183,3 +183,52 @@ def merge_softmax_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
         o_dtype,
     )
     return SoftmaxState(m, l, q, o)
+
+
+# kNN (csrc/cpu/knn.h): exact k nearest neighbours of one training chunk.
+_KNN_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def knn_topk(x: torch.Tensor, y: torch.Tensor, k: int, *, index_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest rows of y [n, d] for each row of x [M, d], in squared L2 (CPU tensors, no autograd).
+
+    x and y: float32 or float64 (the same dtype), finite; non-contiguous ones are copied. 1 <= k <= n.
+    Returns (sqdist [M, k] float64 ascending, index [M, k] int64 = row of y + index_offset); equal distances are
+    ordered by index. The float64 distances are differences summed in coordinate order, so the result is exact.
+    """
+    module = _require()
+    dts = tuple(_KNN_DTYPES)
+    x = _readable(_check_tensor(x, "x", dts, 2))
+    y = _readable(_check_tensor(y, "y", dts, 2))
+    if y.dtype != x.dtype:
+        raise InputTypeError(f"y has dtype {y.dtype} but x has {x.dtype}; they must match")
+    M, d = x.shape
+    n = y.shape[0]
+    if y.shape[1] != d:
+        raise InputError(f"y has {y.shape[1]} columns but x has {d}; they must match")
+    if d < 1:
+        raise InputError("x must have at least one column (d >= 1)")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise InputTypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise InputError(f"k must satisfy 1 <= k <= n = {n} (rows of y), got {k}")
+    if isinstance(index_offset, bool) or not isinstance(index_offset, int):
+        raise InputTypeError(f"index_offset must be an int, got {type(index_offset).__name__}")
+    if index_offset < 0:
+        raise InputError(f"index_offset must be >= 0, got {index_offset}")
+    out_dist = torch.empty(M, k, dtype=torch.float64)
+    out_index = torch.empty(M, k, dtype=torch.int64)
+    if M > 0:
+        module.knn_topk(
+            x.data_ptr(),
+            y.data_ptr(),
+            M,
+            n,
+            d,
+            k,
+            _KNN_DTYPES[x.dtype],
+            out_dist.data_ptr(),
+            out_index.data_ptr(),
+            index_offset,
+        )
+    return out_dist, out_index

@@ -42,7 +42,6 @@ _PLANNED = {
     ("softmax_denoise", "cuda"): "not implemented yet (planned: native CUDA small-d kernel)",
     ("softmax_denoise", "faiss"): "faiss serves knn only",
     ("knn", "triton"): "not implemented yet (planned: fused Triton kNN)",
-    ("knn", "cpu"): "not implemented yet (planned: native C++ CPU top-k)",
     ("knn", "cuda"): "not implemented yet (planned: native CUDA top-k)",
     ("knn", "faiss"): "not implemented yet (planned: faiss-cpu / faiss-gpu indexes)",
 }
@@ -179,4 +178,27 @@ register(
     load=_load_softmax_triton,
     description="Triton: two GEMM passes (scores + bias + row partials; P Y split over d and N), fused kernel for "
     "d <= 256; fp32/fp16/bf16; exact = 3xTF32 + float64 re-rank of the mass-carrying candidates",
+)
+
+
+# native CPU kNN
+def _probe_knn_cpu(device):
+    from diffgen_fast.ops.knn import native
+
+    return native.probe(device)
+
+
+def _load_knn_cpu():
+    from diffgen_fast.ops.knn.native import knn_cpu
+
+    return knn_cpu
+
+
+register(
+    "knn",
+    "cpu",
+    probe=_probe_knn_cpu,
+    load=_load_knn_cpu,
+    description="native C++: register-blocked distance panels (direct differences for d <= 32, norm expansion "
+    "above; OpenMP, AVX-512/AVX2 clones) + bounded heaps of k + slack, float64 re-rank with a certified bound",
 )
