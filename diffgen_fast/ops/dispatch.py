@@ -22,6 +22,7 @@ log = logging.getLogger("diffgen_fast.dispatch")
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda", "faiss")
 OPS = ("softmax_denoise", "knn")
 ENV_VAR = "DIFFGEN_FAST_BACKEND"
+CUDA_SOFTMAX_MAX_D = 64  # the native CUDA softmax kernel's limit (diffgen_fast._native_cuda.SOFTMAX_MAX_D)
 
 
 @dataclass
@@ -39,10 +40,8 @@ _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
 # Backends the blueprint names but this version does not implement yet, and where they are planned.
 _PLANNED = {
     ("softmax_denoise", "cpu"): "not implemented yet (planned: native C++ CPU kernels; _C has only the merges)",
-    ("softmax_denoise", "cuda"): "not implemented yet (planned: native CUDA small-d kernel)",
     ("softmax_denoise", "faiss"): "faiss serves knn only",
     ("knn", "triton"): "not implemented yet (planned: fused Triton kNN)",
-    ("knn", "cuda"): "not implemented yet (planned: native CUDA top-k)",
     ("knn", "faiss"): "not implemented yet (planned: faiss-cpu / faiss-gpu indexes)",
 }
 
@@ -69,30 +68,41 @@ def _reason(op: str, name: str, device: Optional[torch.device]) -> Optional[str]
     return b.probe(device)
 
 
-def _auto_candidate(op: str, name: str, device: Optional[torch.device], dtype: Optional[torch.dtype]) -> bool:
+def _auto_candidate(
+    op: str, name: str, device: Optional[torch.device], dtype: Optional[torch.dtype], d: Optional[int] = None
+) -> bool:
     """Rules of "auto" beyond "can it run": GPU kernels only for CUDA tensors (the Triton interpreter is for tests),
-    and float64 stays on the torch reference (the kernels compute in fp32)."""
+    float64 stays on the torch reference (the kernels compute in fp32), and the native CUDA softmax kernel only for
+    a known d <= 64 (its small-d kernel is all it has)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if name in ("triton", "cuda") and (dev.type != "cuda" or dtype == torch.float64):
+        return False
+    if op == "softmax_denoise" and name == "cuda" and (d is None or d > CUDA_SOFTMAX_MAX_D):
         return False
     return True
 
 
 def resolve(
-    op: str, backend: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+    op: str,
+    backend: str,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    d: Optional[int] = None,
 ) -> tuple[str, Callable]:
-    """(name, implementation) of the backend that runs `op` for inputs on `device` with dtype `dtype`."""
+    """(name, implementation) of the backend that runs `op` for inputs on `device` with dtype `dtype` and `d` values
+    per point (None: unknown; "auto" then skips backends limited in d)."""
     _check_name(backend)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
             _check_name(env, ENV_VAR)
             if not (op == "softmax_denoise" and env == "faiss"):  # faiss is a knn-only backend
-                return resolve(op, env, device, dtype)
+                return resolve(op, env, device, dtype, d=d)
         for name in _AUTO_ORDER[op]:
             if (
                 name in _REGISTRY[op]
-                and _auto_candidate(op, name, device, dtype)
+                and _auto_candidate(op, name, device, dtype, d)
                 and _reason(op, name, device) is None
             ):
                 log.debug("%s: auto picked backend %r on %s", op, name, device)
@@ -201,4 +211,41 @@ register(
     load=_load_knn_cpu,
     description="native C++: register-blocked distance panels (direct differences for d <= 32, norm expansion "
     "above; OpenMP, AVX-512/AVX2 clones) + bounded heaps of k + slack, float64 re-rank with a certified bound",
+)
+
+
+# native CUDA
+def _probe_cuda(device):
+    from diffgen_fast import _native_cuda
+
+    return _native_cuda.probe(device)
+
+
+def _load_softmax_cuda():
+    from diffgen_fast.ops.softmax_denoise.native_cuda import softmax_denoise_cuda
+
+    return softmax_denoise_cuda
+
+
+def _load_knn_cuda():
+    from diffgen_fast.ops.knn.native_cuda import knn_cuda
+
+    return knn_cuda
+
+
+register(
+    "softmax_denoise",
+    "cuda",
+    probe=_probe_cuda,
+    load=_load_softmax_cuda,
+    description="native CUDA: fused small-d kernel, d <= 64 only (one query per thread, training tiles in shared "
+    "memory, online softmax in registers, direct differences, N split over blocks); exact = float64 distances",
+)
+register(
+    "knn",
+    "cuda",
+    probe=_probe_cuda,
+    load=_load_knn_cuda,
+    description="native CUDA: direct-difference distance tiles + per-row radix select / bitonic sort of k + margin "
+    "candidates, float64 re-rank with a certified bound (torch reference for rows it cannot certify); k <= 1024",
 )

@@ -49,7 +49,9 @@ def softmax_denoise(
     M = x2.shape[0]
     s = per_query(sigma, M, "sigma", device=x2.device)
     a = per_query(alpha, M, "alpha", device=x2.device)
-    _, impl = dispatch.resolve("softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype))
+    _, impl = dispatch.resolve(
+        "softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype), d=x2.shape[1]
+    )
     res: DenoiseResult = impl(x2, ts, s, a, precision=precision)
     out = res.denoised.to(xt.dtype).reshape(xt.shape)
     lse_dtype = torch.float64 if res.denoised.dtype == torch.float64 else torch.float32
@@ -80,7 +82,9 @@ def kde_log_density(x, train, bandwidth: SigmaLike, *, backend: str = "auto"):
     M, d = x2.shape
     h = per_query(bandwidth, M, "bandwidth", device=x2.device)
     one = torch.ones(M, dtype=torch.float64, device=x2.device)
-    _, impl = dispatch.resolve("softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype))
+    _, impl = dispatch.resolve(
+        "softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype), d=x2.shape[1]
+    )
     res: DenoiseResult = impl(x2, ts, h, one, precision="exact", need_out=False)
     logp = res.lse - math.log(len(ts)) - 0.5 * d * torch.log(2.0 * math.pi * h * h)
     dtype = torch.float64 if torch.float64 in (x2.dtype, ts.dtype) else torch.float32

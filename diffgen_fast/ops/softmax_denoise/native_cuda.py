@@ -1,0 +1,111 @@
+"""The native CUDA backend ("cuda") of softmax_denoise / kde_log_density: the fused small-d kernel, d <= 64 only.
+
+csrc/cuda/softmax_small.cu runs one query per thread with the training points in shared-memory tiles and the online
+softmax state (m, l, q, o) in registers; the logits z = -||x - alpha y||^2 / (2 sigma^2) come from direct differences
+(no norm expansion, so no cancellation at small sigma). Per training chunk, N is split over blocks (more splits when
+M is small, and at most EXACT_SPLIT_CAP points per thread in "exact" where the partial outputs fit in _PARTIAL_ELEMS,
+so the fp32 accumulation of o stays short); the partial states
+are merged here with the SoftmaxState rule in float64, the chunks with merge_softmax_states, and the result is
+finalised with finalize_softmax_state like every backend.
+
+precision:
+  "exact"  differences, squared distances, logits and exp in float64 (the tile is converted once, in shared memory);
+           m, l, q float64; o accumulated in fp32 over at most EXACT_SPLIT_CAP points per thread, then merged in
+           float64. Logit error ~ (d + 2) 2^-53 |z|: exact at every sigma; the denoised output carries the fp32
+           accumulation error of o (<= gamma_4096 worst case, ~sqrt(4096) 2^-24 relative typically).
+  "fast"   fp32 differences fma(-alpha, y, x) (one rounding; alpha itself rounded to fp32, which adds an absolute
+           error |alpha y| 2^-24 per coordinate unless alpha is exact in fp32, e.g. 1), fp32 fma accumulation (relative
+           distance error <= (d + 2) 2^-24, so a logit error <= (d + 2) 2^-24 |z|), expf; m, l, q float64.
+  "auto"   "exact". The fp32 error is relative to the logit, and the logits of the points that carry the mass lie
+           within ~30 nats of the row max m, so the certified error 2 (d + 2) 2^-24 (|m| + 30) exceeds the reference's
+           2^-22 tolerance for "fast" at every sigma; "fast" runs only when asked for.
+Inputs are computed in fp32 (float64 inputs are rounded to fp32, fp16/bf16 upcast exactly); denoised is float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from diffgen_fast import _native_cuda
+from diffgen_fast.errors import BackendUnavailableError
+from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state, finalize_softmax_state, merge_softmax_states
+from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult
+
+MAX_D = _native_cuda.SOFTMAX_MAX_D
+THREADS = 128  # queries per block (kThreads in softmax_small.cu)
+EXACT_SPLIT_CAP = 4096  # most training points one thread accumulates o over in "exact"
+FAST_SPLIT_CAP = 65536  # ... in "fast"
+MIN_SPLIT = 256  # fewest points per split when splitting for parallelism
+_PARTIAL_ELEMS = 1 << 25  # fp32 elements of the [splits, M, d] partial outputs of one chunk
+_CHUNK_BYTES = 256 << 20  # bytes of one fp32 training chunk on the GPU
+
+
+def probe(device) -> Optional[str]:
+    return _native_cuda.probe(device)
+
+
+def _n_splits(n: int, m_blocks: int, sms: int, cap: int, max_splits: int) -> int:
+    want = max(-(-n // cap), -(-4 * sms // max(1, m_blocks)))
+    return max(1, min(want, -(-n // MIN_SPLIT), max_splits, 65535))
+
+
+def merge_splits(m: torch.Tensor, l: torch.Tensor, q: torch.Tensor, o: Optional[torch.Tensor]) -> SoftmaxState:
+    """The SoftmaxState merge rule over the first dimension of stacked partial states (float64 result)."""
+    mx = m.max(dim=0).values
+    sc = torch.where(torch.isneginf(m), torch.zeros_like(m), torch.exp(m - mx[None, :]))
+    out = None if o is None else (o.to(torch.float64) * sc[:, :, None]).sum(dim=0)
+    return SoftmaxState(mx, (l * sc).sum(dim=0), (q * sc * sc).sum(dim=0), out)
+
+
+def softmax_denoise_cuda(
+    x: torch.Tensor,
+    train,
+    sigma: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    precision: str = "auto",
+    need_out: bool = True,
+    chunk_size: Optional[int] = None,
+    splits: Optional[int] = None,
+) -> DenoiseResult:
+    """Softmax-weighted denoiser on CUDA tensors with d <= 64.
+
+    x: [M, d]; train: TrainingSet with train.d == d; sigma, alpha: [M] float64 on x.device. chunk_size: training rows
+    per chunk streamed to the GPU; splits forces the number of N splits per chunk (tests).
+    """
+    why = probe(x.device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend='cuda': {why}")
+    M, d = x.shape
+    if d > MAX_D:
+        raise BackendUnavailableError(
+            f"backend='cuda' runs softmax_denoise / kde_log_density only for d <= {MAX_D} (its small-d fused kernel), "
+            f"got d = {d}; use backend='triton', 'cpu' or 'torch'"
+        )
+    dev = x.device
+    xk = x.to(torch.float32).contiguous()
+    alpha64 = alpha.to(device=dev, dtype=torch.float64).contiguous()
+    sigma64 = sigma.to(device=dev, dtype=torch.float64)
+    inv2s2 = (0.5 / (sigma64 * sigma64)).contiguous()
+    state = empty_softmax_state(M, d if need_out else None, dtype=torch.float64, device=dev)
+    if M > 0:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        m_blocks = -(-M // THREADS)
+        max_splits = max(1, min(65535, _PARTIAL_ELEMS // (M * (d if need_out else 1))))
+        cap = FAST_SPLIT_CAP if precision == "fast" else EXACT_SPLIT_CAP
+        chunk = chunk_size or max(MIN_SPLIT, min(1 << 24, max_splits * cap, _CHUNK_BYTES // (4 * d)))
+        for _, Y in train.iter_chunks(chunk, device=dev, dtype=torch.float32):
+            n = Y.shape[0]
+            exact = precision != "fast"
+            s = splits or _n_splits(n, m_blocks, sms, EXACT_SPLIT_CAP if exact else FAST_SPLIT_CAP, max_splits)
+            per = -(-n // s)
+            s = -(-n // per)
+            m, l, q, o = _native_cuda.softmax_state(xk, Y, alpha64, inv2s2, s, per, exact=exact, need_out=need_out)
+            state = merge_softmax_states(state, merge_splits(m, l, q, o if need_out else None))
+    out, lse, top_w, n_eff = finalize_softmax_state(state)
+    return DenoiseResult(out.to(torch.float32) if need_out else None, lse, top_w, n_eff)
+
+
+__all__ = ["softmax_denoise_cuda", "probe", "merge_splits"]
