@@ -185,6 +185,83 @@ def merge_softmax_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
     return SoftmaxState(m, l, q, o)
 
 
+# Softmax-weighted denoiser (csrc/cpu/denoise.h). The state (m, l, q, o) is float64 and updated in place.
+_DENOISE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _state_args(state: SoftmaxState, M: int, d: int) -> tuple[int, int, int, int]:
+    for name in "mlq":
+        t = getattr(state, name)
+        _check_tensor(t, f"state.{name}", (torch.float64,), 1)
+        if t.shape[0] != M or not t.is_contiguous():
+            raise InputError(f"state.{name} must be a contiguous float64 [{M}] tensor, got shape {tuple(t.shape)}")
+    o = state.o
+    if o is not None:
+        _check_tensor(o, "state.o", (torch.float64,), 2)
+        if tuple(o.shape) != (M, d) or not o.is_contiguous():
+            raise InputError(f"state.o must be a contiguous float64 [{M}, {d}] tensor, got shape {tuple(o.shape)}")
+    return state.m.data_ptr(), state.l.data_ptr(), state.q.data_ptr(), 0 if o is None else o.data_ptr()
+
+
+def _row_params(t: torch.Tensor, name: str, M: int) -> torch.Tensor:
+    _check_tensor(t, name, (torch.float64,), 1)
+    if t.shape[0] != M:
+        raise InputError(f"{name} must have {M} entries, got {t.shape[0]}")
+    return t.contiguous()
+
+
+def denoise_direct(
+    x: torch.Tensor, yT: torch.Tensor, c: torch.Tensor, alpha: torch.Tensor, exact: bool, state: SoftmaxState
+) -> None:
+    """Stream one training chunk (given transposed, yT [d, n]) through the state of x [M, d], in place.
+
+    c = 1 / (2 sigma^2) and alpha: float64 [M]. x and yT: float32 or float64 (the same); non-contiguous ones are
+    copied. exact: float64 differences for float32 data (float64 data always computes in float64).
+    """
+    module = _require()
+    dts = tuple(_DENOISE_DTYPES)
+    x = _readable(_check_tensor(x, "x", dts, 2))
+    yT = _readable(_check_tensor(yT, "yT", dts, 2))
+    if yT.dtype != x.dtype:
+        raise InputTypeError(f"yT has dtype {yT.dtype} but x has {x.dtype}; they must match")
+    M, d = x.shape
+    if yT.shape[0] != d:
+        raise InputError(f"yT must be [d, n] with d = {d} (x's columns), got shape {tuple(yT.shape)}")
+    c, alpha = _row_params(c, "c", M), _row_params(alpha, "alpha", M)
+    pm, pl, pq, po = _state_args(state, M, d)
+    module.denoise_direct(
+        x.data_ptr(), yT.data_ptr(), M, yT.shape[1], d, c.data_ptr(), alpha.data_ptr(), bool(exact),
+        pm, pl, pq, po, _DENOISE_DTYPES[x.dtype],
+    )  # fmt: skip
+
+
+def denoise_epilogue(
+    S: torch.Tensor, a2c: torch.Tensor, off: torch.Tensor, state: SoftmaxState, *, flags: bool = False
+) -> torch.Tensor | None:
+    """The GEMM path's fused epilogue: S [M, n] (row-contiguous, float32/float64) holds the scores T; the logits are
+    a2c T + off. S is overwritten with the weights e^(z - m), the state updated (o rescaled, not accumulated).
+    Returns the bool [n] mask of columns with a nonzero weight when flags is True."""
+    module = _require()
+    _check_tensor(S, "S", tuple(_DENOISE_DTYPES), 2)
+    if S.stride(1) != 1:
+        raise InputError("S must have contiguous rows (stride 1 along dim 1)")
+    M, n = S.shape
+    a2c, off = _row_params(a2c, "a2c", M), _row_params(off, "off", M)
+    d = state.o.shape[1] if state.o is not None else 0
+    pm, pl, pq, po = _state_args(state, M, d)
+    mask = torch.empty(n, dtype=torch.uint8) if flags else None
+    module.denoise_epilogue(
+        S.data_ptr(), M, n, max(S.stride(0), n), a2c.data_ptr(), off.data_ptr(), pm, pl, pq, po, d,
+        0 if mask is None else mask.data_ptr(), _DENOISE_DTYPES[S.dtype],
+    )  # fmt: skip
+    return mask.bool() if mask is not None else None
+
+
+def simd_level() -> str:
+    """The instruction set the multiversioned CPU kernels use here: avx512f, avx2+fma or baseline."""
+    return _require().cpu_simd_level()
+
+
 # kNN (csrc/cpu/knn.h): exact k nearest neighbours of one training chunk.
 _KNN_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 

@@ -78,6 +78,12 @@ def test_backend_table_and_resolution(monkeypatch):
         assert triton_row["available"]  # CPU tensors run in the interpreter (the test suite sets it without CUDA)
     else:
         assert not triton_row["available"] and triton_row["reason"]
-    assert dispatch.resolve("softmax_denoise", "auto", torch.device("cpu"))[0] == "torch"
+    from diffgen_fast import _native
+
+    on_cpu = "cpu" if _native.available() else "torch"  # the native kernels win on CPU (benchmarks/bench_cpu.py)
+    assert dispatch.resolve("softmax_denoise", "auto", torch.device("cpu"))[0] == on_cpu
     monkeypatch.setenv("DIFFGEN_FAST_BACKEND", "faiss")  # ignored by softmax_denoise, which has no faiss backend
+    assert dispatch.resolve("softmax_denoise", "auto", torch.device("cpu"))[0] == on_cpu
+    monkeypatch.setenv("DIFFGEN_FAST_DISABLE_EXT", "1")
+    monkeypatch.delenv("DIFFGEN_FAST_BACKEND")
     assert dispatch.resolve("softmax_denoise", "auto", torch.device("cpu"))[0] == "torch"

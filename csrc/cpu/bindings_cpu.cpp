@@ -1,12 +1,108 @@
-// Bindings of the native CPU kernels (backend="cpu"): see csrc/cpu/denoise.h and csrc/cpu/knn.h.
+// Bindings of the native CPU denoiser kernels (backend="cpu"): see csrc/cpu/denoise.h. Every argument is checked
+// before any pointer is touched; the GIL is released while the kernels run.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <string>
+
 #include "bind_util.h"
+#include "cpu/denoise.h"
+#include "cpu/simd.h"
 
 namespace py = pybind11;
 
 namespace diffgen_fast {
+namespace {
 
-void register_cpu_kernels(py::module_& mod) { (void)mod; }
+using namespace bind;
+
+std::size_t dtype_size(const std::string& dtype, const char* name) {
+    if (dtype == "float32") return 4;
+    if (dtype == "float64") return 8;
+    throw py::value_error(std::string(name) + " must be 'float32' or 'float64', got '" + dtype + "'");
+}
+
+std::uintptr_t ptr(const py::handle& h, const char* name, std::size_t align, const char* what, bool nullable = false) {
+    const std::uintptr_t p = as_pointer(h, name);
+    if (nullable && p == 0) return 0;
+    require_pointer(p, align, name, what);
+    return p;
+}
+
+void denoise_direct_py(const py::object& x, const py::object& yT, const py::object& M_, const py::object& n_,
+                       const py::object& d_, const py::object& c, const py::object& alpha, bool exact,
+                       const py::object& m, const py::object& l, const py::object& q, const py::object& o,
+                       const std::string& dtype) {
+    const std::size_t es = dtype_size(dtype, "dtype");
+    const std::int64_t M = as_size(M_, "M"), n = as_size(n_, "n"), d = as_size(d_, "d");
+    if (d < 1) throw py::value_error("d must be >= 1, got 0");
+    if (M == 0 || n == 0) return;
+    const auto px = ptr(x, "x", es, "a contiguous [M, d] array of dtype");
+    const auto py_ = ptr(yT, "yT", es, "a contiguous [d, n] array of dtype");
+    const auto pc = ptr(c, "c", 8, "float64 [M]");
+    const auto pa = ptr(alpha, "alpha", 8, "float64 [M]");
+    const auto pm = ptr(m, "m", 8, "float64 [M]");
+    const auto pl = ptr(l, "l", 8, "float64 [M]");
+    const auto pq = ptr(q, "q", 8, "float64 [M]");
+    const auto po = ptr(o, "o", 8, "float64 [M, d] or 0 (no output)", true);
+    py::gil_scoped_release release;
+    auto D = [](std::uintptr_t p) { return reinterpret_cast<double*>(p); };
+    if (es == 4) {
+        cpu::denoise_direct(reinterpret_cast<const float*>(px), reinterpret_cast<const float*>(py_), M, n, d, D(pc),
+                            D(pa), exact, D(pm), D(pl), D(pq), D(po));
+    } else {
+        cpu::denoise_direct(reinterpret_cast<const double*>(px), reinterpret_cast<const double*>(py_), M, n, d,
+                            D(pc), D(pa), exact, D(pm), D(pl), D(pq), D(po));
+    }
+}
+
+void denoise_epilogue_py(const py::object& S, const py::object& M_, const py::object& n_, const py::object& ldS_,
+                         const py::object& a2c, const py::object& off, const py::object& m, const py::object& l,
+                         const py::object& q, const py::object& o, const py::object& d_, const py::object& flags,
+                         const std::string& dtype) {
+    const std::size_t es = dtype_size(dtype, "dtype");
+    const std::int64_t M = as_size(M_, "M"), n = as_size(n_, "n"), ldS = as_size(ldS_, "ldS"), d = as_size(d_, "d");
+    if (ldS < n) throw py::value_error("ldS must be >= n, got ldS=" + std::to_string(ldS) + ", n=" + std::to_string(n));
+    if (M == 0 || n == 0) return;
+    const auto pS = ptr(S, "S", es, "a [M, n] array of dtype with row stride ldS");
+    const auto pa = ptr(a2c, "a2c", 8, "float64 [M]");
+    const auto pf = ptr(off, "off", 8, "float64 [M]");
+    const auto pm = ptr(m, "m", 8, "float64 [M]");
+    const auto pl = ptr(l, "l", 8, "float64 [M]");
+    const auto pq = ptr(q, "q", 8, "float64 [M]");
+    const auto po = ptr(o, "o", 8, "float64 [M, d] or 0 (no output)", true);
+    const auto pg = ptr(flags, "nonzero_cols", 1, "uint8 [n] or 0", true);
+    if (po != 0 && d < 1) throw py::value_error("d must be >= 1 when o is given");
+    py::gil_scoped_release release;
+    auto D = [](std::uintptr_t p) { return reinterpret_cast<double*>(p); };
+    auto* g = reinterpret_cast<std::uint8_t*>(pg);
+    if (es == 4) {
+        cpu::denoise_epilogue<float>(reinterpret_cast<float*>(pS), M, n, ldS, D(pa), D(pf), D(pm), D(pl), D(pq), D(po),
+                                     d, g);
+    } else {
+        cpu::denoise_epilogue<double>(reinterpret_cast<double*>(pS), M, n, ldS, D(pa), D(pf), D(pm), D(pl), D(pq),
+                                      D(po), d, g);
+    }
+}
+
+}  // namespace
+
+void register_cpu_kernels(py::module_& mod) {
+    mod.def("denoise_direct", &denoise_direct_py, py::arg("x"), py::arg("yT"), py::arg("M"), py::arg("n"),
+            py::arg("d"), py::arg("c"), py::arg("alpha"), py::arg("exact"), py::arg("m"), py::arg("l"), py::arg("q"),
+            py::arg("o"), py::arg("dtype"),
+            "Fused direct-difference softmax denoiser over one training chunk, updating the state (m, l, q, o) in\n"
+            "place. x: [M, d], yT: [d, n] (the chunk transposed), contiguous, of dtype ('float32'/'float64');\n"
+            "c = 1/(2 sigma^2), alpha: float64 [M]; m, l, q: float64 [M]; o: float64 [M, d] or 0. exact: float64\n"
+            "differences for float32 data. Releases the GIL.");
+    mod.def("denoise_epilogue", &denoise_epilogue_py, py::arg("S"), py::arg("M"), py::arg("n"), py::arg("ldS"),
+            py::arg("a2c"), py::arg("off"), py::arg("m"), py::arg("l"), py::arg("q"), py::arg("o"), py::arg("d"),
+            py::arg("nonzero_cols"), py::arg("dtype"),
+            "Epilogue of the GEMM path: S [M, n] (row stride ldS) holds T = (2/alpha) x.y - ||y||^2; logits are\n"
+            "a2c T + off. Overwrites S with the weights e^(z - m), updates m, l, q, rescales o (float64 [M, d] or 0)\n"
+            "and flags in nonzero_cols (uint8 [n] or 0) the columns with a nonzero weight. Releases the GIL.");
+    mod.def("cpu_simd_level", &cpu::simd_level,
+            "The instruction set the multiversioned CPU kernels use on this CPU: avx512f, avx2+fma or baseline.");
+}
 
 }  // namespace diffgen_fast

@@ -39,7 +39,6 @@ _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
 
 # Backends the blueprint names but this version does not implement yet, and where they are planned.
 _PLANNED = {
-    ("softmax_denoise", "cpu"): "not implemented yet (planned: native C++ CPU kernels; _C has only the merges)",
     ("softmax_denoise", "faiss"): "faiss serves knn only",
     ("knn", "triton"): "not implemented yet (planned: fused Triton kNN)",
     ("knn", "faiss"): "not implemented yet (planned: faiss-cpu / faiss-gpu indexes)",
@@ -191,26 +190,26 @@ register(
 )
 
 
-# native CPU kNN
-def _probe_knn_cpu(device):
-    from diffgen_fast.ops.knn import native
+# native CPU softmax denoiser
+def _probe_softmax_cpu(device):
+    from diffgen_fast.ops.softmax_denoise import native
 
     return native.probe(device)
 
 
-def _load_knn_cpu():
-    from diffgen_fast.ops.knn.native import knn_cpu
+def _load_softmax_cpu():
+    from diffgen_fast.ops.softmax_denoise.native import softmax_denoise_cpu
 
-    return knn_cpu
+    return softmax_denoise_cpu
 
 
 register(
-    "knn",
+    "softmax_denoise",
     "cpu",
-    probe=_probe_knn_cpu,
-    load=_load_knn_cpu,
-    description="native C++: register-blocked distance panels (direct differences for d <= 32, norm expansion "
-    "above; OpenMP, AVX-512/AVX2 clones) + bounded heaps of k + slack, float64 re-rank with a certified bound",
+    probe=_probe_softmax_cpu,
+    load=_load_softmax_cpu,
+    description="native C++: fused direct-difference kernel for d <= 64 (OpenMP, AVX-512/AVX2 clones, vectorised "
+    "exp); BLAS scores + fused native epilogue + sparse P Y above; fp32/fp64; exact/fast/auto",
 )
 
 
@@ -248,4 +247,27 @@ register(
     load=_load_knn_cuda,
     description="native CUDA: direct-difference distance tiles + per-row radix select / bitonic sort of k + margin "
     "candidates, float64 re-rank with a certified bound (torch reference for rows it cannot certify); k <= 1024",
+)
+
+
+# native CPU kNN
+def _probe_knn_cpu(device):
+    from diffgen_fast.ops.knn import native
+
+    return native.probe(device)
+
+
+def _load_knn_cpu():
+    from diffgen_fast.ops.knn.native import knn_cpu
+
+    return knn_cpu
+
+
+register(
+    "knn",
+    "cpu",
+    probe=_probe_knn_cpu,
+    load=_load_knn_cpu,
+    description="native C++: register-blocked distance panels (direct differences for d <= 32, norm expansion "
+    "above; OpenMP, AVX-512/AVX2 clones) + bounded heaps of k + slack, float64 re-rank with a certified bound",
 )
