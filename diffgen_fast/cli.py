@@ -1,4 +1,4 @@
-"""The ``diffgen-fast`` command line: ``demo`` and ``info``.
+"""The ``diffgen-fast`` command line: ``demo``, ``info``, ``score`` and ``index build|info``.
 
 Also runs as ``python -m diffgen_fast``. Errors raised by the package (``DiffgenError``) are printed as one line
 ``error: ...`` with exit status 2 instead of a traceback. Heavy imports (torch, matplotlib) happen inside the
@@ -7,6 +7,7 @@ commands, so ``--help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import math
@@ -451,6 +452,296 @@ def info(no_check: bool) -> None:
 
 def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line for line in text.splitlines())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# score
+
+
+KNN_BACKENDS = ("auto", "torch", "cpu", "cuda", "faiss")
+_INDEX_HELP = "flat (exact) | ivf | ivfpq | hnsw | a faiss factory string | a saved .faiss file"
+
+
+def _open_set(path: str, name: str, cache_dir: Path | None = None):
+    """Open a TrainingSet; image folders and EDM zips are streamed into a memory-mapped .npy under cache_dir."""
+    from diffgen_fast.data import TrainingSet, _as_path, _require_exists, _sniff
+
+    p = _as_path(path, name)
+    _require_exists(p, name)
+    if cache_dir is not None and _sniff(p, name) in ("images", "zip"):
+        return TrainingSet.open(p, name=name, cache=cache_dir)
+    return TrainingSet.open(p, name=name)
+
+
+@main.command(short_help="Memorization tests of generated samples against a training set; writes a report.")
+@click.option(
+    "--train",
+    "train_path",
+    metavar="PATH",
+    required=True,
+    help="Training set: .npy (memory-mapped), .npz, image folder, EDM zip, CIFAR-10",
+)
+@click.option("--samples", "samples_path", metavar="PATH", required=True, help="Generated samples (same formats)")
+@click.option(
+    "--heldout",
+    "heldout_path",
+    metavar="PATH",
+    default=None,
+    help="Held-out real samples (enables C_T and the train-vs-heldout figure)",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder",
+)
+@click.option(
+    "--threshold",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1 / 3,
+    show_default="1/3",
+    help="Memorized when ||x-NN1|| / ||x-NN2|| is below this",
+)
+@click.option(
+    "--k",
+    "k",
+    metavar="INT",
+    type=click.IntRange(min=2),
+    default=2,
+    show_default=True,
+    help="Neighbours kept per sample",
+)
+@click.option(
+    "--backend",
+    metavar="NAME",
+    type=click.Choice(KNN_BACKENDS),
+    default="auto",
+    show_default=True,
+    help="kNN backend per chunk",
+)
+@click.option("--index", "index", metavar="SPEC", default=None, help="Search a faiss index instead: " + _INDEX_HELP)
+@click.option("--train-features", metavar="NPY", default=None, help="Precomputed training-set embeddings [N, e]")
+@click.option("--sample-features", metavar="NPY", default=None, help="Precomputed sample embeddings [M, e]")
+@click.option("--heldout-features", metavar="NPY", default=None, help="Precomputed held-out embeddings [H, e]")
+@click.option(
+    "--metric",
+    type=click.Choice(["l2", "cosine"]),
+    default="l2",
+    show_default=True,
+    help="Distance between points or features",
+)
+@click.option(
+    "--chunk-size",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training rows per chunk (default: about 64 MiB)",
+)
+@click.option(
+    "--cells",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=None,
+    help="k-means cells of C_T (default: about 40 held-out samples per cell, at most 20)",
+)
+@click.option(
+    "--cache-dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where image folders and EDM zips are decoded, chunk by chunk, into memory-mapped .npy files (default: "
+    "OUT/.cache; reused while the images are unchanged)",
+)
+@click.option("--no-resume", is_flag=True, default=False, help="Ignore checkpoints of an interrupted run")
+@click.option("--no-authenticity", is_flag=True, default=False, help="Skip the second (authenticity) pass")
+@click.option(
+    "--seed", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the k-means cells"
+)
+@click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bars")
+def score(
+    train_path,
+    samples_path,
+    heldout_path,
+    out_dir,
+    threshold,
+    k,
+    backend,
+    index,
+    train_features,
+    sample_features,
+    heldout_features,
+    metric,
+    chunk_size,
+    cells,
+    cache_dir,
+    no_resume,
+    no_authenticity,
+    seed,
+    no_progress,
+) -> None:
+    """Did the model copy its training data? Nearest-neighbour ratio test, authenticity and (with --heldout) the
+    C_T data-copying test, over a training set streamed in chunks.
+
+    Writes report.md, summary.json, per_sample.csv, per_sample.npz and figures (nn_grid.png: samples beside their
+    nearest training images, most memorized first; ratio_hist.png; nn_dist_hist.png; train_vs_heldout.png) into
+    DIR. Each pass checkpoints after every chunk into DIR/.checkpoints: run the same command again after an
+    interruption and it resumes where it stopped.
+
+    \b
+    Examples:
+
+    \b
+    diffgen-fast score --train train.npy --samples samples.npy --out score_out
+    diffgen-fast score --train cifar10.zip --samples samples/ --heldout test.zip --out score_out
+    diffgen-fast score --train train.npy --samples s.npy --index ivf --out score_out   # approximate, with recall
+    diffgen-fast score --train train.npy --samples s.npy --train-features ft.npy --sample-features fs.npy \\
+        --metric cosine --out score_out
+    """
+    from diffgen_fast.metrics.scoring import score as run_score
+    from diffgen_fast.report import write_score_outputs
+
+    t0 = time.perf_counter()
+    cache = cache_dir if cache_dir is not None else Path(out_dir) / ".cache"
+    train = _open_set(train_path, "train", cache)
+    samples = _open_set(samples_path, "samples", cache)
+    heldout = _open_set(heldout_path, "heldout", cache) if heldout_path else None
+    ck = Path(out_dir) / ".checkpoints"
+    result = run_score(
+        samples,
+        train,
+        heldout=heldout,
+        threshold=threshold,
+        k=k,
+        backend=backend,
+        index=index,
+        train_features=train_features,
+        sample_features=sample_features,
+        heldout_features=heldout_features,
+        metric=metric,
+        chunk_size=chunk_size,
+        checkpoint_dir=ck,
+        resume=not no_resume,
+        progress=not no_progress,
+        n_cells=cells,
+        check_authenticity=not no_authenticity,
+        seed=seed,
+    )
+    files = write_score_outputs(result, out_dir, samples, train)
+    with contextlib.suppress(OSError):
+        ck.rmdir()
+    s = result.summary
+    resumed = s["passes"].get("neighbours", {}).get("resumed_from_row", 0)
+    click.echo(
+        f"train: {train.source}, N={len(train)}, d={train.d}; samples: {s['n_samples']}; "
+        f"held-out: {s['n_heldout']}; space: {s['space']}, {s['metric']}; "
+        f"{'exact' if s['exact'] else 'approximate'} kNN ({s['backend']})"
+    )
+    if resumed:
+        click.echo(f"resumed from a checkpoint at training row {resumed}")
+    rows = [
+        [
+            "memorized (NN ratio < " + ("1/3" if abs(threshold - 1 / 3) < 1e-12 else f"{threshold:g}") + ")",
+            f"{s['n_memorized']} / {s['n_samples']}",
+            f"{100 * s['fraction_memorized']:.1f}%",
+        ]
+    ]
+    rows.append(["median NN ratio", "", f"{s['ratio_median']:.4f}"])
+    if "authenticity" in s:
+        a = s["authenticity"]
+        rows.append(
+            ["inauthentic", f"{a['n_inauthentic']} / {s['n_samples']}", f"{100 * a['fraction_inauthentic']:.1f}%"]
+        )
+    if "heldout" in s:
+        rows.append(["held-out memorized (control)", "", f"{100 * s['heldout']['fraction_memorized']:.1f}%"])
+    if "C_T" in s:
+        rows.append(["C_T (<< 0: copying)", f"{s['C_T']['cells_used']} cells", _num(s["C_T"]["C_T"])])
+    if s.get("index") and not s["exact"]:
+        rows.append(
+            [f"recall@{s['k']} ({s['index'].get('factory')})", "", _num(s["index"].get("recall_at_k") or float("nan"))]
+        )
+    click.echo()
+    click.echo(_table(["test", "count", "value"], rows, "lrr"))
+    click.echo()
+    click.echo("wrote:")
+    for f in files:
+        click.echo(f"  {Path(out_dir) / f}")
+    click.echo(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# index
+
+
+@main.group(cls=_Group)
+def index() -> None:
+    """Build and inspect persistent faiss indexes of a training set."""
+
+
+@index.command("build", short_help="Build a faiss index of a training set and save it with its fingerprint.")
+@click.option("--train", "train_path", metavar="PATH", required=True, help="Training set (any TrainingSet format)")
+@click.option(
+    "--out",
+    "out_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Index file (.faiss); metadata goes to FILE.json",
+)
+@click.option(
+    "--index",
+    "kind",
+    metavar="SPEC",
+    default="flat",
+    show_default=True,
+    help="flat | ivf | ivfpq | hnsw | a faiss factory string",
+)
+@click.option(
+    "--train-sample",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Points the index is trained on (IVF / PQ)",
+)
+@click.option("--seed", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True)
+def index_build(train_path, out_path, kind, train_sample, seed) -> None:
+    """Build an index once and reuse it: `diffgen-fast score --index FILE` and `knn(..., index=FILE)` refuse it if
+    the training set has changed since (its SHA-256 fingerprint is stored beside the index).
+
+    \b
+    Examples:
+    diffgen-fast index build --train train.npy --index ivf --out train.ivf.faiss
+    diffgen-fast index build --train train.npy --index "IVF4096,PQ32x4fs" --out train.pq.faiss
+    """
+    from diffgen_fast.ops.knn.faiss import FaissIndex
+
+    if out_path.suffix != ".faiss":
+        raise click.BadParameter("expected a file name ending in .faiss", param_hint="--out")
+    t0 = time.perf_counter()
+    train = _open_set(train_path, "train")
+    idx = FaissIndex.build(train, kind, train_sample=train_sample, seed=seed)
+    idx.save(out_path)
+    click.echo(f"built {idx.factory} over N={idx.n}, d={idx.d} in {time.perf_counter() - t0:.1f} s")
+    click.echo(f"fingerprint {idx.fingerprint[:16]}...; wrote {out_path} and {out_path}.json")
+
+
+@index.command("info", short_help="Show a saved index's metadata; with --train, check it is current.")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--train", "train_path", metavar="PATH", default=None, help="Check the index against this training set")
+def index_info(path, train_path) -> None:
+    """Print the metadata of a saved index and, with --train, whether it matches that training set."""
+    from diffgen_fast.ops.knn.faiss import FaissIndex
+
+    train = _open_set(train_path, "train") if train_path else None
+    idx = FaissIndex.load(path, train)
+    click.echo(f"{path}: {idx.factory} ({idx.spec}), N={idx.n}, d={idx.d}, exact={idx.exact}")
+    click.echo(f"fingerprint {idx.fingerprint}")
+    for key, v in sorted(idx.meta.items()):
+        click.echo(f"  {key}: {v}")
+    if train is not None:
+        click.echo("matches the training set: yes")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -323,6 +323,66 @@ def _decode_image(src: bytes | Path, what: str, name: str) -> tuple[np.ndarray, 
     return arr, target
 
 
+def _iter_images(
+    entries: list[tuple[str, Callable[[], bytes | Path]]], where: str, name: str
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode the entries one by one, yielding (i, uint8 [C, H, W]); all must agree in shape and mode."""
+    ref_shape: tuple[int, ...] | None = None
+    ref_mode, ref_name = "", ""
+    for i, (rel, read) in enumerate(entries):
+        arr, mode = _decode_image(read(), f"'{rel}' in {where}", name)
+        if ref_shape is None:
+            ref_shape, ref_mode, ref_name = arr.shape, mode, rel
+        elif arr.shape != ref_shape or mode != ref_mode:
+            h, w = arr.shape[1:]
+            h0, w0 = ref_shape[1:]
+            raise DataFormatError(
+                f"{name}: image '{rel}' in {where} is {w}x{h} {mode}, expected {w0}x{h0} {ref_mode} like "
+                f"'{ref_name}'; all images must share one size and mode"
+            )
+        yield i, arr
+
+
+IMAGE_CACHE_CHUNK = 1024  # images decoded and written per step when streaming into a cache
+
+
+def _images_to_npy(
+    entries: list[tuple[str, Callable[[], bytes | Path]]], where: str, name: str, scale: str, dst: Path, stamp: dict
+) -> None:
+    """Decode the images in order and write them, scaled to float32, into the .npy file dst (through a temporary
+    file renamed at the end, so an interrupted conversion leaves nothing half-written), with stamp beside it in
+    dst.json. Memory: one image plus the page cache."""
+    from numpy.lib.format import open_memmap
+
+    from diffgen_fast._atomic import _atomic_target, write_text_atomic
+
+    first, _ = _decode_image(entries[0][1](), f"'{entries[0][0]}' in {where}", name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_target(dst) as tmp:
+        mm = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(entries), *first.shape))
+        buf: list[np.ndarray] = []
+        start = 0
+        for i, arr in _iter_images(entries, where, name):
+            buf.append(arr)
+            if len(buf) == IMAGE_CACHE_CHUNK or i == len(entries) - 1:
+                mm[start : start + len(buf)] = _scale_images(np.stack(buf), scale).numpy()
+                start += len(buf)
+                buf = []
+        mm.flush()
+        del mm
+    write_text_atomic(json.dumps(stamp, sort_keys=True) + "\n", dst.with_name(dst.name + ".json"))
+
+
+def _cache_is_current(dst: Path, stamp: dict) -> bool:
+    meta = dst.with_name(dst.name + ".json")
+    if not (dst.is_file() and meta.is_file()):
+        return False
+    try:
+        return json.loads(meta.read_text()) == json.loads(json.dumps(stamp, sort_keys=True))
+    except (OSError, ValueError):
+        return False
+
+
 def _stack_images(entries: list[tuple[str, Callable[[], bytes | Path]]], where: str, name: str) -> np.ndarray:
     """Decode every entry (relative name, reader) into one uint8 ``[N, C, H, W]`` array; all must agree in shape."""
     out: np.ndarray | None = None
@@ -1096,7 +1156,9 @@ class TrainingSet:
         return cls(x, labels, name=name, source=f"npz:{p}[{key}]")
 
     @classmethod
-    def from_image_folder(cls, path: PathLike, scale: str = "[-1,1]", *, name: str = "train") -> TrainingSet:
+    def from_image_folder(
+        cls, path: PathLike, scale: str = "[-1,1]", *, cache: PathLike | None = None, name: str = "train"
+    ) -> TrainingSet:
         """Load every image under a folder (recursively), sorted by relative path.
 
         All images must share one size and (normalised) mode: L -> 1 channel, LA -> 2, RGB -> 3, RGBA -> 4
@@ -1106,6 +1168,9 @@ class TrainingSet:
         Args:
             path: the folder.
             scale: ``"[-1,1]"`` (x / 127.5 - 1), ``"[0,1]"`` (x / 255) or ``"[0,255]"`` (raw values).
+            cache: None (decode into memory) or a folder / ``.npy`` path: the images are decoded one chunk at a
+                time into a float32 ``.npy`` there (bounded memory, for sets larger than memory), reused while the
+                files are unchanged, and the set is served memory-mapped from it.
             name: argument name used in error messages.
 
         Returns:
@@ -1127,13 +1192,34 @@ class TrainingSet:
         if meta.is_file():
             table = _parse_edm_labels(meta.read_bytes(), f"'{meta}'", name)
         labels = _labels_for([rel for rel, _ in files], table, f"'{meta}'", name)
-        u8 = _stack_images([(rel, lambda q=q: q) for rel, q in files], f"'{root}'", name)
+        entries = [(rel, lambda q=q: q) for rel, q in files]
+        if cache is not None:
+            stats = [(rel, q.stat().st_size, q.stat().st_mtime_ns) for rel, q in files]
+            digest = hashlib.sha256(repr(stats).encode()).hexdigest()
+            stamp = {"source": str(root.resolve()), "scale": scale, "files": digest}
+            return cls._from_image_cache(entries, f"'{root}'", name, scale, cache, stamp, labels, f"images:{root}")
+        u8 = _stack_images(entries, f"'{root}'", name)
         return cls(
             _scale_images(u8, scale), labels, value_range=_SCALE_RANGE[scale], source=f"images:{root}", name=name
         )
 
     @classmethod
-    def from_edm_zip(cls, path: PathLike, scale: str = "[-1,1]", *, name: str = "train") -> TrainingSet:
+    def _from_image_cache(cls, entries, where, name, scale, cache, stamp, labels, source) -> TrainingSet:
+        dst = _as_path(cache, "cache")
+        if dst.suffix != ".npy":
+            dst = dst / f"{name}-{stamp['files'][:16]}.npy"
+        if not _cache_is_current(dst, stamp):
+            _images_to_npy(entries, where, name, scale, dst, stamp)
+        out = cls.from_npy(dst, name=name)
+        out._labels = _check_labels(labels, out._n, out._device)
+        out._value_range = _SCALE_RANGE[scale]
+        out._source = f"{source} (cached as {dst}, memmap)"
+        return out
+
+    @classmethod
+    def from_edm_zip(
+        cls, path: PathLike, scale: str = "[-1,1]", *, cache: PathLike | None = None, name: str = "train"
+    ) -> TrainingSet:
         """Load an EDM ``dataset_tool.py`` zip: image members plus an optional ``dataset.json`` with labels.
 
         Members are read straight from the archive (nothing is extracted), sorted by name. Member names that are
@@ -1142,6 +1228,7 @@ class TrainingSet:
         Args:
             path: the zip file.
             scale: ``"[-1,1]"``, ``"[0,1]"`` or ``"[0,255]"`` (see :meth:`from_image_folder`).
+            cache: as in :meth:`from_image_folder`: stream the decoded images into a memory-mapped ``.npy``.
             name: argument name used in error messages.
 
         Returns:
@@ -1173,7 +1260,13 @@ class TrainingSet:
             if "dataset.json" in zf.namelist():
                 table = _parse_edm_labels(_zip_read(zf, "dataset.json", where, name), f"dataset.json in {where}", name)
             labels = _labels_for(members, table, f"dataset.json in {where}", name)
-            u8 = _stack_images([(m, lambda m=m: _zip_read(zf, m, where, name)) for m in members], where, name)
+            entries = [(m, lambda m=m: _zip_read(zf, m, where, name)) for m in members]
+            if cache is not None:
+                st = p.stat()
+                stamp = {"source": str(p.resolve()), "scale": scale, "files": hashlib.sha256(
+                    repr((members, st.st_size, st.st_mtime_ns)).encode()).hexdigest()}  # fmt: skip
+                return cls._from_image_cache(entries, where, name, scale, cache, stamp, labels, f"edm-zip:{p}")
+            u8 = _stack_images(entries, where, name)
         return cls(_scale_images(u8, scale), labels, value_range=_SCALE_RANGE[scale], source=f"edm-zip:{p}", name=name)
 
     @classmethod
@@ -1190,6 +1283,7 @@ class TrainingSet:
                 the tar archive itself.
             split: ``"train"`` (data_batch_1..5, 50000 images) or ``"test"`` (test_batch, 10000 images).
             scale: ``"[-1,1]"``, ``"[0,1]"`` or ``"[0,255]"`` (see :meth:`from_image_folder`).
+            cache: as in :meth:`from_image_folder`: stream the decoded images into a memory-mapped ``.npy``.
             name: argument name used in error messages.
 
         Returns:
@@ -1315,9 +1409,9 @@ class TrainingSet:
         loader, options = {
             "npy": (cls.from_npy, {"mmap"}),
             "npz": (cls.from_npz, {"key"}),
-            "zip": (cls.from_edm_zip, {"scale"}),
+            "zip": (cls.from_edm_zip, {"scale", "cache"}),
             "cifar": (cls.from_cifar10, {"split", "scale"}),
-            "images": (cls.from_image_folder, {"scale"}),
+            "images": (cls.from_image_folder, {"scale", "cache"}),
         }[kind]
         options = options | {"name"}
         bad = sorted(set(kw) - options)

@@ -25,3 +25,7 @@ class BackendUnavailableError(DiffgenError, RuntimeError):
 
 class DataFormatError(DiffgenError, ValueError):
     """A file is unreadable, corrupt, in an unknown format, or unsafe to load."""
+
+
+class StaleIndexError(DiffgenError, ValueError):
+    """A saved index was built for another training set (its fingerprint does not match)."""

@@ -15,7 +15,6 @@ The public pieces:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime
 import io
@@ -24,9 +23,8 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -53,49 +51,7 @@ _HIST_COLORS = ("#c0392b", "#2471a3", "#27ae60", "#8e44ad", "#d68910", "#566573"
 # Atomic writes
 
 
-@contextlib.contextmanager
-def _atomic_target(path: PathLike) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success fsync it and move it over ``path``, else remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _file_mode(path))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _file_mode(path: Path) -> int:
-    # mkstemp creates 0600; keep the mode of the file being replaced, else the usual 0644.
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        return 0o644
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (nor needed) everywhere.
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_text_atomic(text: str, path: PathLike) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
-    with _atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    return Path(path)
+from diffgen_fast._atomic import _atomic_target, write_bytes_atomic, write_text_atomic  # noqa: E402, F401
 
 
 def _jsonable(obj: Any) -> Any:
@@ -732,3 +688,183 @@ def run_demo(
     write_text_atomic(demo_report_markdown(summary), out / "report.md")
     write_json_atomic(summary, out / "report.json")
     return _jsonable(summary)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `diffgen-fast score`: per-sample table, summary, figures, report
+
+
+def write_score_csv(per: Mapping[str, Any], path: PathLike) -> Path:
+    """Per-sample table of a ScoreResult: index, nn1..nnk, d1..dk (L2), ratio, memorized and, when computed,
+    inauthentic, train_nn_other_dist and cell. Written atomically."""
+    nn_index = np.asarray(per["nn_index"])
+    nn_dist = np.asarray(per["nn_dist"], dtype=np.float64)
+    k = nn_index.shape[1]
+    extra = [c for c in ("inauthentic", "train_nn_other_dist", "cell") if c in per]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(
+        ["index", *[f"nn{j + 1}" for j in range(k)], *[f"d{j + 1}" for j in range(k)], "ratio", "memorized", *extra]
+    )
+    for i in range(nn_index.shape[0]):
+        row = [
+            i,
+            *[int(v) for v in nn_index[i]],
+            *[f"{v:.9g}" for v in nn_dist[i]],
+            f"{float(per['ratio'][i]):.9g}",
+            int(per["memorized"][i]),
+        ]
+        for c in extra:
+            v = per[c][i]
+            row.append(int(v) if c in ("inauthentic", "cell") else f"{float(v):.9g}")
+        w.writerow(row)
+    return write_text_atomic(buf.getvalue(), path)
+
+
+def write_npz_atomic(arrays: Mapping[str, Any], path: PathLike) -> Path:
+    """np.savez of plain arrays (no object arrays, so np.load(allow_pickle=False) reads it), atomically."""
+    with _atomic_target(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return Path(path)
+
+
+def distance_figure(per: Mapping[str, Any], held: Mapping[str, Any] | None, path: PathLike) -> Path:
+    """Histogram of the samples' nearest-training-point distances, and the held-out samples' for comparison."""
+    fig = _new_figure(7.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    series = {"generated": np.asarray(per["nn_dist"])[:, 0]}
+    if held is not None:
+        series["held-out real"] = np.asarray(held["nn_dist"])[:, 0]
+    allv = np.concatenate([v[np.isfinite(v)] for v in series.values()])
+    hi = float(allv.max()) if allv.size else 1.0
+    edges = np.linspace(0.0, hi if hi > 0 else 1.0, 41)
+    for k, (name, v) in enumerate(series.items()):
+        c = _HIST_COLORS[k % len(_HIST_COLORS)]
+        ax.hist(v, bins=edges, color=c, alpha=0.35, label=f"{name}: n={v.size}, median {np.median(v):.3g}")
+        ax.hist(v, bins=edges, color=c, histtype="step", lw=1.4)
+    ax.set_xlabel("distance to the nearest training point (L2)")
+    ax.set_ylabel("samples")
+    ax.set_title("Nearest-training-point distances (a spike at 0 = copies)", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def train_vs_heldout_figure(
+    per: Mapping[str, Any], held: Mapping[str, Any], ct: Mapping[str, Any] | None, path: PathLike
+) -> Path:
+    """Empirical CDFs of the distance to the nearest training point for generated and held-out samples (C_T's
+    comparison), with C_T in the title."""
+    fig = _new_figure(7.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (name, v) in enumerate(
+        (
+            ("generated -> train", np.asarray(per["nn_dist"])[:, 0]),
+            ("held-out -> train", np.asarray(held["nn_dist"])[:, 0]),
+        )
+    ):
+        v = np.sort(v[np.isfinite(v)])
+        ax.step(
+            v,
+            np.arange(1, v.size + 1) / max(1, v.size),
+            where="post",
+            color=_HIST_COLORS[k],
+            lw=1.6,
+            label=f"{name} (n={v.size})",
+        )
+    title = "Distance to the training set: generated vs held-out real samples"
+    if ct is not None:
+        title += f"\nC_T = {_fmt(ct.get('C_T'), '.3g')} over {ct.get('cells_used')} cells (negative = copying)"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("distance to the nearest training point (L2)")
+    ax.set_ylabel("fraction of samples")
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def score_report_markdown(summary: Mapping[str, Any], files: Sequence[str]) -> str:
+    s = summary
+    lines = [
+        "# diffgen-fast memorization report",
+        "",
+        f"Training set: {s['train']['source']} (N = {s['train']['n']}, item shape {tuple(s['train']['shape'])}, "
+        f"fingerprint `{s['train']['fingerprint'][:16]}`). Samples: {s['n_samples']}; held-out: {s['n_heldout']}.",
+        f"Space: {s['space']}; distance: {s['distance']}; values: {s.get('value_range') or 'as stored'}; "
+        f"k = {s['k']}; backend: {s['backend']}; {'exact' if s['exact'] else 'approximate'} search.",
+        "",
+        "| test | result |",
+        "|---|---|",
+        f"| NN ratio < {_format_threshold(s['threshold'])} (memorized) | {s['n_memorized']} of {s['n_samples']} "
+        f"({_fmt_fraction(s['fraction_memorized'])}); median ratio {_fmt(s['ratio_median'])} |",
+    ]
+    if "authenticity" in s:
+        a = s["authenticity"]
+        lines.append(
+            f"| inauthentic (Alaa et al.) | {a['n_inauthentic']} ({_fmt_fraction(a['fraction_inauthentic'])}) |"
+        )
+    if "heldout" in s:
+        lines.append(
+            f"| held-out real data, NN ratio < threshold | {_fmt_fraction(s['heldout']['fraction_memorized'])} |"
+        )
+    if "C_T" in s:
+        c = s["C_T"]
+        lines.append(
+            f"| C_T (Meehan et al.; << 0 copying, ~0 fresh) | {_fmt(c['C_T'])} over {c['cells_used']} of "
+            f"{c['n_cells']} cells; one-cell z = {_fmt(c['z_global'])} |"
+        )
+    if s.get("index"):
+        i = s["index"]
+        lines.append(
+            f"| index | {i.get('factory')} (recall@{s['k']} on {i.get('recall_sample', 'all')} queries: "
+            f"{_fmt(i.get('recall_at_k'))}) |"
+        )
+    lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), ""]
+    lines += [f"![{f}]({f})" for f in files if f.endswith(".png")]
+    return "\n".join(lines) + "\n"
+
+
+def write_score_outputs(result: Any, out_dir: PathLike, samples: Any, train: Any) -> list[str]:
+    """Write report.md, summary.json, per_sample.csv, per_sample.npz and the figures of a ScoreResult into
+    out_dir; returns the file names."""
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per, held, s = result.per_sample, result.heldout, result.summary
+    files = ["summary.json", "per_sample.csv", "per_sample.npz"]
+    write_score_csv(per, out / "per_sample.csv")
+    arrays = {k: v for k, v in per.items()}
+    if held is not None:
+        arrays.update({f"heldout_{k}": v for k, v in held.items()})
+    write_npz_atomic(arrays, out / "per_sample.npz")
+    vr = tuple(s["value_range"]) if s.get("value_range") else None
+    order = np.argsort(np.asarray(per["ratio"]), kind="stable")[:64]
+    xs = samples[torch.from_numpy(order)].cpu().numpy()
+    nn = train[torch.from_numpy(np.asarray(per["nn_index"])[order, 0])].cpu().numpy()
+    if vr is None:
+        lo, hi = float(min(xs.min(), nn.min())), float(max(xs.max(), nn.max()))
+        vr = (lo, hi if hi > lo else lo + 1.0)
+    nn_grid_figure(
+        xs,
+        nn,
+        np.asarray(per["ratio"])[order],
+        out / "nn_grid.png",
+        value_range=vr,
+        threshold=s["threshold"],
+        suptitle="Generated samples beside their nearest training points",
+    )
+    ratios = {"generated": per["ratio"]}
+    if held is not None:
+        ratios["held-out real"] = held["ratio"]
+    ratio_histogram(ratios, out / "ratio_hist.png", threshold=s["threshold"])
+    distance_figure(per, held, out / "nn_dist_hist.png")
+    files += ["nn_grid.png", "ratio_hist.png", "nn_dist_hist.png"]
+    if held is not None:
+        train_vs_heldout_figure(per, held, result.ct, out / "train_vs_heldout.png")
+        files.append("train_vs_heldout.png")
+    write_json_atomic(s, out / "summary.json")
+    write_text_atomic(score_report_markdown(s, files), out / "report.md")
+    return ["report.md", *files]

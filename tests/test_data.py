@@ -618,3 +618,37 @@ def test_gaussian_reproducible():
         TrainingSet.gaussian(0, 3)
     with pytest.raises(InputError, match="std"):
         TrainingSet.gaussian(3, 3, std=-1.0)
+
+
+def test_image_folder_and_zip_streamed_into_a_cache(tmp_path, monkeypatch):
+    """cache=: images decoded a chunk at a time into a memory-mapped float32 .npy, equal to the in-memory load,
+    reused while the files are unchanged and rebuilt when they change."""
+    from diffgen_fast import data
+
+    monkeypatch.setattr(data, "IMAGE_CACHE_CHUNK", 3)  # several chunks
+    images = np.random.default_rng(3).integers(0, 256, size=(8, 4, 4, 3), dtype=np.uint8)
+    _edm_zip(tmp_path / "ds.zip", images, [0, 1, 2, 3, 4, 5, 6, 7])
+    mem = TrainingSet.from_edm_zip(tmp_path / "ds.zip")
+    cached = TrainingSet.open(tmp_path / "ds.zip", cache=tmp_path / "cache")
+    assert not cached.is_in_memory and "cached as" in cached.source
+    assert torch.equal(cached.tensor(), mem.tensor()) and cached.labels.tolist() == list(range(8))
+    assert cached.value_range == (-1.0, 1.0) and cached.shape == (3, 4, 4)
+    files = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(files) == 1 and files[0].with_name(files[0].name + ".json").exists()
+    mtime = files[0].stat().st_mtime_ns
+    again = TrainingSet.open(tmp_path / "ds.zip", cache=tmp_path / "cache")
+    assert files[0].stat().st_mtime_ns == mtime and torch.equal(again.tensor(), mem.tensor())  # reused
+    gray = _gray_images(7, seed=4)
+    _write_images(tmp_path / "imgs", gray, [f"{i:03d}.png" for i in range(7)])
+    f = TrainingSet.from_image_folder(tmp_path / "imgs", scale="[0,255]", cache=tmp_path / "c2" / "x.npy")
+    assert (tmp_path / "c2" / "x.npy").exists() and not f.is_in_memory
+    assert np.array_equal(f.tensor().numpy()[:, 0], gray.astype(np.float32))
+    _write_images(tmp_path / "imgs", gray[:1] // 2, ["000.png"])  # a changed file invalidates the cache
+    f2 = TrainingSet.from_image_folder(tmp_path / "imgs", scale="[0,255]", cache=tmp_path / "c2" / "x.npy")
+    assert np.array_equal(f2.tensor().numpy()[0, 0], (gray[0] // 2).astype(np.float32))
+    bad = tmp_path / "bad"
+    _write_images(bad, np.concatenate([gray[:2]]), ["a.png", "b.png"])
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(bad / "c.png")
+    with pytest.raises(DataFormatError, match="share one size"):
+        TrainingSet.from_image_folder(bad, cache=tmp_path / "c3")
+    assert not list((tmp_path / "c3").glob("*.npy"))  # nothing half-written

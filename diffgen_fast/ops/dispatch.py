@@ -41,7 +41,6 @@ _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
 _PLANNED = {
     ("softmax_denoise", "faiss"): "faiss serves knn only",
     ("knn", "triton"): "not implemented yet (planned: fused Triton kNN)",
-    ("knn", "faiss"): "not implemented yet (planned: faiss-cpu / faiss-gpu indexes)",
 }
 
 # Preference order of "auto" per op; the first whose probe passes runs.
@@ -270,4 +269,27 @@ register(
     load=_load_knn_cpu,
     description="native C++: register-blocked distance panels (direct differences for d <= 32, norm expansion "
     "above; OpenMP, AVX-512/AVX2 clones) + bounded heaps of k + slack, float64 re-rank with a certified bound",
+)
+
+
+# faiss kNN (exact IndexFlatL2 streamed and certified; IVF / PQ / HNSW approximate with measured recall)
+def _probe_knn_faiss(device):
+    from diffgen_fast.ops.knn import faiss as fa
+
+    return fa.probe(device)
+
+
+def _load_knn_faiss():
+    from diffgen_fast.ops.knn.faiss import knn_faiss
+
+    return knn_faiss
+
+
+register(
+    "knn",
+    "faiss",
+    probe=_probe_knn_faiss,
+    load=_load_knn_faiss,
+    description="faiss: exact IndexFlatL2 per chunk with a float64 re-rank and a certified bound; IVF-Flat, IVF-PQ, "
+    "HNSW or any factory string (index=), re-ranked exactly, recall measured on a sample; persistent FaissIndex",
 )

@@ -1,0 +1,480 @@
+"""Memorization scoring at scale: the tests of SCIENCE.md section 5 over a streamed training set, with checkpoints.
+
+`score` runs, in one or two passes over the training set (chunk by chunk, bounded memory, a progress bar):
+  - the k nearest training points of every generated sample and every held-out sample (k >= 2);
+  - the nearest-neighbour ratio test (memorized when d1 / d2 < threshold);
+  - authenticity (Alaa et al.): a second pass finds, for each training point that is some sample's nearest, its own
+    nearest other training point;
+  - C_T (Meehan et al.) when held-out real samples are given: k-means cells of the training set, per-cell
+    Mann-Whitney z of sample-to-train against heldout-to-train distances.
+Every pass checkpoints its partial top-k state after each chunk (atomically, .npz without pickles) and resumes from
+it when run again with the same inputs and settings. Distances are L2 in the chosen space: pixels (default), the
+output of a user's embedding callable, or precomputed embeddings; metric "cosine" normalises the features first
+(then d^2 = 2 - 2 cos).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from diffgen_fast._atomic import _atomic_target
+from diffgen_fast.errors import DataFormatError, InputError, InputTypeError
+from diffgen_fast.metrics.copying import authenticity, ct_statistic, default_cells
+from diffgen_fast.ops import knn
+from diffgen_fast.ops.merge import merge_topk
+
+log = logging.getLogger("diffgen_fast.scoring")
+METRICS = ("l2", "cosine")
+STOP_ENV = "DIFFGEN_FAST_STOP_AFTER_CHUNKS"  # testing hook: exit (status 75) after this many chunks, as if killed
+
+
+class _Space:
+    """How points become the vectors distances are measured between."""
+
+    def __init__(self, embed: Optional[Callable], metric: str, batch: int = 1024):
+        if metric not in METRICS:
+            raise InputError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+        if embed is not None and not callable(embed):
+            raise InputTypeError(
+                f"embed: expected a callable mapping a batch [b, *shape] to features [b, e], got {embed!r}"
+            )
+        self.embed, self.metric, self.batch = embed, metric, batch
+
+    @property
+    def identity(self) -> bool:
+        return self.embed is None and self.metric == "l2"
+
+    def __call__(self, x: torch.Tensor, shape: tuple) -> torch.Tensor:
+        if self.embed is not None:
+            outs = []
+            for s in range(0, x.shape[0], self.batch):
+                with torch.no_grad():
+                    f = self.embed(x[s : s + self.batch].reshape(-1, *shape))
+                f = torch.as_tensor(f)
+                if f.ndim < 2 or f.shape[0] != min(self.batch, x.shape[0] - s) or not f.is_floating_point():
+                    raise InputError(
+                        f"embed: expected float features [b, e] for a batch of b = {min(self.batch, x.shape[0] - s)}, "
+                        f"got {getattr(f, 'dtype', '?')} of shape {tuple(f.shape)}"
+                    )
+                outs.append(f.reshape(f.shape[0], -1).detach().float().cpu())
+            x = torch.cat(outs)
+        if self.metric == "cosine":
+            x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            if bool((norm == 0).any()):
+                raise InputError("metric: 'cosine' needs non-zero feature vectors; a point has norm 0")
+            x = x / norm
+        return x
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+class _Checkpoint:
+    """A top-k state saved after every chunk: best_d [M, k], best_i [M, k], the next row and a key of the inputs."""
+
+    def __init__(self, path: Optional[Path], key: dict):
+        self.path, self.key = path, json.dumps(key, sort_keys=True)
+
+    def load(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                if str(z["key"]) != self.key:
+                    log.warning("checkpoint %s is for other inputs or settings; starting over", self.path)
+                    return None
+                return torch.from_numpy(z["best_d"]), torch.from_numpy(z["best_i"]), int(z["next_row"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise DataFormatError(f"checkpoint: cannot read '{self.path}' ({e}); delete it to start over") from e
+
+    def save(self, best_d: torch.Tensor, best_i: torch.Tensor, next_row: int) -> None:
+        if self.path is None:
+            return
+        with _atomic_target(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f, best_d=best_d.numpy(), best_i=best_i.numpy(), next_row=np.int64(next_row), key=np.str_(self.key)
+            )
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
+@dataclass
+class PassStats:
+    chunks: int = 0
+    chunks_skipped: int = 0
+    resumed_from_row: int = 0
+    seconds: float = 0.0
+
+
+def stream_topk(
+    queries: torch.Tensor,
+    train,
+    k: int,
+    *,
+    space: Optional[_Space] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    checkpoint: Optional[Path] = None,
+    key: Optional[dict] = None,
+    progress: Any = None,
+    on_chunk: Optional[Callable[[int, int], None]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, PassStats]:
+    """Exact top-k of queries [M, e] among the training points (mapped through `space`), chunk by chunk, with the
+    state checkpointed after each chunk and resumed from a checkpoint with the same key.
+
+    Returns (sqdist [M, k] float64, index [M, k] int64, PassStats).
+    """
+    M = queries.shape[0]
+    stats = PassStats()
+    ck = _Checkpoint(checkpoint, {"k": k, "chunk_size": chunk_size, "queries": _sha(queries), **(key or {})})
+    state = ck.load()
+    if state is not None:
+        best_d, best_i, done = state
+        stats.resumed_from_row = done
+    else:
+        best_d = torch.empty(M, 0, dtype=torch.float64)
+        best_i = torch.empty(M, 0, dtype=torch.int64)
+        done = 0
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    t0 = time.perf_counter()
+    if progress is not None and done:
+        progress.update(min(done, len(train)))
+    for start, Y in train.iter_chunks(chunk_size, device="cpu"):
+        n = Y.shape[0]
+        if start + n <= done:
+            stats.chunks_skipped += 1
+            continue
+        F = Y if space is None or space.identity else space(Y, train.shape)
+        d2, idx = knn(queries, F, min(k, n), backend=backend)
+        best_d, best_i = merge_topk(best_d, best_i, torch.as_tensor(d2).double(), torch.as_tensor(idx) + start, k)
+        done = start + n
+        ck.save(best_d, best_i, done)
+        stats.chunks += 1
+        if progress is not None:
+            progress.update(n)
+        if on_chunk is not None:
+            on_chunk(stats.chunks, done)
+        if stop_after and stats.chunks >= stop_after:
+            os._exit(75)
+    stats.seconds = time.perf_counter() - t0
+    return best_d, best_i, stats
+
+
+@dataclass
+class ScoreResult:
+    """Per-sample facts and the summary of `score`.
+
+    per_sample: numpy arrays of length M: nn_index [M, k], nn_dist [M, k] (L2), ratio, memorized, and when
+    computed: inauthentic, train_nn_other_dist (the nearest training point's distance to its own nearest other
+    training point), cell. heldout: the same nn facts for the held-out samples (or None). summary: JSON-ready dict.
+    """
+
+    per_sample: dict
+    heldout: Optional[dict]
+    summary: dict
+    ct: Optional[dict] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        return float(self.summary["fraction_memorized"])
+
+
+def _as_set(obj, name: str):
+    from diffgen_fast.data import TrainingSet
+
+    if obj is None:
+        return None
+    return TrainingSet.coerce(obj, name=name)
+
+
+def _features_of(ts, space: _Space) -> torch.Tensor:
+    x = ts.flat().to("cpu")
+    return x if space.identity else space(x, ts.shape)
+
+
+def score(
+    samples,
+    train,
+    *,
+    heldout=None,
+    threshold: float = 1 / 3,
+    k: int = 2,
+    embed: Optional[Callable] = None,
+    metric: str = "l2",
+    train_features=None,
+    sample_features=None,
+    heldout_features=None,
+    backend: str = "auto",
+    index: Any = None,
+    chunk_size: Optional[int] = None,
+    checkpoint_dir=None,
+    resume: bool = True,
+    progress: bool = False,
+    n_cells: Optional[int] = None,
+    min_cell: int = 10,
+    check_authenticity: bool = True,
+    seed: int = 0,
+    on_chunk: Optional[Callable[[int, int], None]] = None,
+) -> ScoreResult:
+    """Run the memorization tests of generated samples against a training set.
+
+    Args:
+        samples: generated samples [M, *shape] (tensor, array, TrainingSet or path).
+        train: the training set (TrainingSet, tensor, array or path: .npy memory-mapped, .npz, image folder, EDM zip,
+            CIFAR-10); streamed in chunks of `chunk_size` rows.
+        heldout: optional real samples not in the training set; enables C_T and the train-vs-heldout comparison.
+        threshold: the ratio test's threshold (memorized when d1 / d2 < threshold).
+        k: neighbours kept per sample (>= 2).
+        embed: optional callable mapping a batch [b, *shape] to features [b, e]: distances in that space.
+        metric: "l2" or "cosine" (features normalised to unit length).
+        train_features, sample_features, heldout_features: precomputed embeddings ([N, e] arrays or .npy paths) used
+            instead of the points (all that are used must be given together).
+        backend: knn backend of each chunk (auto, cpu, torch, cuda, faiss).
+        index: a faiss index kind, factory string, FaissIndex or saved .faiss path: search it instead of streaming
+            (approximate kinds report recall). Not resumable (one search).
+        checkpoint_dir: folder for the per-pass checkpoints (None: no checkpoints); resume: use them.
+        n_cells: k-means cells of C_T (default about 40 held-out points per cell, at most 20).
+        min_cell: cells with fewer generated or held-out samples are left out of C_T.
+        check_authenticity: run the second pass (nearest other training point of each sample's nearest).
+        on_chunk: callable(chunks_done, rows_done) after each chunk (for progress or tests).
+    """
+    from diffgen_fast.data import TrainingSet
+
+    t_start = time.perf_counter()
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise InputError(f"threshold: expected a number > 0, got {threshold!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise InputError(f"k: expected an int >= 2 (the ratio test needs two neighbours), got {k!r}")
+    space = _Space(embed, metric)
+    ts_pts = TrainingSet.coerce(train, name="train")
+    smp = _as_set(samples, "samples")
+    ho = _as_set(heldout, "heldout")
+    if train_features is not None or sample_features is not None or heldout_features is not None:
+        if embed is not None:
+            raise InputError("embed: give either an embedding callable or precomputed features, not both")
+        if train_features is None or sample_features is None or (ho is not None and heldout_features is None):
+            raise InputError(
+                "train_features: precomputed features must be given for the training set and the samples (and the "
+                "held-out set when there is one)"
+            )
+        ts = TrainingSet.coerce(train_features, name="train_features")
+        if len(ts) != len(ts_pts):
+            raise InputError(f"train_features: {len(ts)} rows for {len(ts_pts)} training points")
+        q_smp = TrainingSet.coerce(sample_features, name="sample_features").flat().to("cpu")
+        if q_smp.shape[0] != len(smp):
+            raise InputError(f"sample_features: {q_smp.shape[0]} rows for {len(smp)} samples")
+        q_ho = None
+        if ho is not None:
+            q_ho = TrainingSet.coerce(heldout_features, name="heldout_features").flat().to("cpu")
+            if q_ho.shape[0] != len(ho):
+                raise InputError(f"heldout_features: {q_ho.shape[0]} rows for {len(ho)} held-out samples")
+        if q_smp.shape[1] != ts.d or (q_ho is not None and q_ho.shape[1] != ts.d):
+            raise InputError(f"sample_features: expected {ts.d} features per row (as train_features)")
+        feat_space = _Space(None, metric)
+        q_smp = feat_space(q_smp, ())
+        q_ho = feat_space(q_ho, ()) if q_ho is not None else None
+        space_name = "precomputed features"
+        stream_space = feat_space
+    else:
+        ts = ts_pts
+        for name, s in (("samples", smp), ("heldout", ho)):
+            if s is not None and s.d != ts.d:
+                raise InputError(f"{name}: items of d = {s.d} values do not match train items of d = {ts.d}")
+        q_smp = _features_of(smp, space)
+        q_ho = _features_of(ho, space) if ho is not None else None
+        space_name = "pixel" if embed is None else f"embedding {getattr(embed, '__name__', type(embed).__name__)}"
+        stream_space = space
+    if k > len(ts):
+        raise InputError(f"k: expected k <= N = {len(ts)} training points, got {k}")
+    M = q_smp.shape[0]
+    H = 0 if q_ho is None else q_ho.shape[0]
+    queries = q_smp if q_ho is None else torch.cat([q_smp, q_ho.to(q_smp.dtype)])
+    ck_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ck_dir is not None and not resume:
+        for p in ck_dir.glob("pass-*.npz") if ck_dir.is_dir() else []:
+            p.unlink()
+    key = {"train": ts.fingerprint(), "n": len(ts), "metric": metric, "space": space_name, "backend": backend}
+    passes: dict[str, Any] = {}
+    bar = _bar(progress, len(ts), "nearest neighbours")
+    index_info = None
+    try:
+        if index is not None:
+            if not stream_space.identity:
+                raise InputError("index: a faiss index searches the stored points; use it with pixel space or features")
+            d2, idx, index_info = knn(queries, ts, k, backend="faiss", index=index, return_info=True)
+            d2, idx = torch.as_tensor(d2).double(), torch.as_tensor(idx)
+            passes["neighbours"] = PassStats(chunks=1)
+        else:
+            d2, idx, passes["neighbours"] = stream_topk(
+                queries,
+                ts,
+                k,
+                space=stream_space,
+                chunk_size=chunk_size,
+                backend=backend,
+                checkpoint=ck_dir / "pass-neighbours.npz" if ck_dir else None,
+                key=key,
+                progress=bar,
+                on_chunk=on_chunk,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    dist = d2.clamp(min=0).sqrt()
+    nn_index = idx.numpy()
+    nn_dist = dist.numpy()
+    ratio = _ratio(nn_dist)
+    per = {
+        "nn_index": nn_index[:M],
+        "nn_dist": nn_dist[:M],
+        "ratio": ratio[:M],
+        "memorized": ratio[:M] < threshold,
+    }
+    held = None
+    if H:
+        held = {
+            "nn_index": nn_index[M:],
+            "nn_dist": nn_dist[M:],
+            "ratio": ratio[M:],
+            "memorized": ratio[M:] < threshold,
+        }
+    # authenticity: the nearest other training point of each sample's nearest training point
+    if check_authenticity and len(ts) >= 2:
+        uniq = np.unique(nn_index[:M, 0])
+        uq = torch.from_numpy(uniq)
+        rows = ts[uq].reshape(len(uniq), -1).to("cpu")
+        q_tr = rows if stream_space.identity else stream_space(rows, ts.shape)
+        bar = _bar(progress, len(ts), "authenticity")
+        try:
+            ad, ai, passes["authenticity"] = stream_topk(
+                q_tr.to(queries.dtype),
+                ts,
+                2,
+                space=stream_space,
+                chunk_size=chunk_size,
+                backend=backend,
+                checkpoint=ck_dir / "pass-authenticity.npz" if ck_dir else None,
+                key=key,
+                progress=bar,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        ad = ad.clamp(min=0).sqrt()
+        other = torch.where(ai[:, 0] == uq, ad[:, 1], ad[:, 0]).numpy()
+        lookup = dict(zip(uniq.tolist(), other.tolist()))
+        t_other = np.array([lookup[i] for i in nn_index[:M, 0]], dtype=np.float64)
+        per["train_nn_other_dist"] = t_other
+        per["inauthentic"] = authenticity(nn_dist[:M, 0], t_other)
+    ct = None
+    if H:
+        cells = n_cells or default_cells(H, len(ts))
+        cent = _kmeans_centroids(ts, stream_space, cells, seed)
+        _, c_all = knn(queries, cent, 1, backend="torch")
+        c_all = torch.as_tensor(c_all)[:, 0].numpy()
+        per["cell"] = c_all[:M]
+        held["cell"] = c_all[M:]
+        ct = ct_statistic(nn_dist[:M, 0], c_all[:M], nn_dist[M:, 0], c_all[M:], cells, min_cell=min_cell)
+    summary = _summary(per, held, ct, ts, threshold, k, metric, space_name, backend, index_info, passes, smp, M, H)
+    summary["seconds"] = round(time.perf_counter() - t_start, 3)
+    if ck_dir is not None:
+        for p in ck_dir.glob("pass-*.npz") if ck_dir.is_dir() else []:
+            p.unlink()
+    return ScoreResult(per_sample=per, heldout=held, summary=summary, ct=ct)
+
+
+def _ratio(nn_dist: np.ndarray) -> np.ndarray:
+    d1, d2 = nn_dist[:, 0], nn_dist[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d2 > 0, d1 / np.where(d2 > 0, d2, 1.0), 0.0)
+    return r
+
+
+def _kmeans_centroids(ts, space: _Space, cells: int, seed: int) -> torch.Tensor:
+    """k-means centroids of (a sample of at most 20,000 of) the training points in the scoring space."""
+    from sklearn.cluster import KMeans
+
+    g = torch.Generator().manual_seed(seed)
+    m = min(len(ts), 20_000)
+    rows = torch.randperm(len(ts), generator=g)[:m].sort().values
+    x = ts[rows].reshape(m, -1).to("cpu")
+    f = x if space.identity else space(x, ts.shape)
+    cells = min(cells, m)
+    km = KMeans(n_clusters=cells, n_init=3, random_state=seed).fit(f.double().numpy())
+    return torch.from_numpy(km.cluster_centers_).to(torch.float64)
+
+
+def _summary(per, held, ct, ts, threshold, k, metric, space_name, backend, index_info, passes, smp, M, H) -> dict:
+    med = lambda a: float(np.median(a)) if len(a) else float("nan")  # noqa: E731
+    s = {
+        "test": "nearest-neighbour ratio ||x - NN1|| / ||x - NN2|| < threshold (Yoon et al. 2023)",
+        "threshold": float(threshold),
+        "k": int(k),
+        "distance": "L2 (not squared)" if metric == "l2" else "L2 between unit-normalised features (sqrt(2 - 2 cos))",
+        "metric": metric,
+        "space": space_name,
+        "value_range": list(ts.value_range) if ts.value_range is not None else None,
+        "train": {
+            "source": ts.source,
+            "n": len(ts),
+            "d": ts.d,
+            "shape": list(ts.shape),
+            "fingerprint": ts.fingerprint(),
+        },
+        "n_samples": int(M),
+        "n_heldout": int(H),
+        "n_memorized": int(per["memorized"].sum()),
+        "fraction_memorized": float(per["memorized"].mean()) if M else float("nan"),
+        "ratio_median": med(per["ratio"]),
+        "nn_dist_median": med(per["nn_dist"][:, 0]),
+        "backend": backend,
+        "exact": index_info is None or bool(index_info.get("exact")),
+        "index": index_info,
+        "passes": {n: vars(p) for n, p in passes.items()},
+    }
+    if "inauthentic" in per:
+        s["authenticity"] = {
+            "test": "inauthentic when d(x, NN1) < d(NN1, nearest other training point) (Alaa et al. 2022)",
+            "n_inauthentic": int(per["inauthentic"].sum()),
+            "fraction_inauthentic": float(per["inauthentic"].mean()) if M else float("nan"),
+        }
+    if held is not None:
+        s["heldout"] = {
+            "fraction_memorized": float(held["memorized"].mean()),
+            "ratio_median": med(held["ratio"]),
+            "nn_dist_median": med(held["nn_dist"][:, 0]),
+        }
+    if ct is not None:
+        s["C_T"] = {
+            "test": "Meehan et al. 2020: per k-means cell, Mann-Whitney z of sample-to-train vs heldout-to-train NN "
+            "distances, weighted by the held-out fraction; strongly negative = copying, ~0 = like fresh data",
+            **{k2: v for k2, v in ct.items()},
+        }
+    return s
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pt", unit_scale=True, leave=False, dynamic_ncols=True)
+
+
+__all__ = ["score", "ScoreResult", "stream_topk", "METRICS"]
