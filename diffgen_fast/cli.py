@@ -657,7 +657,7 @@ def score(
     if "heldout" in s:
         rows.append(["held-out memorized (control)", "", f"{100 * s['heldout']['fraction_memorized']:.1f}%"])
     if "C_T" in s:
-        rows.append(["C_T (<< 0: copying)", f"{s['C_T']['cells_used']} cells", _num(s["C_T"]["C_T"])])
+        rows.append(["C_T (<< 0: copying)", f"{s['C_T']['cells_used']} cells", f"{s['C_T']['C_T']:.2f}"])
     if s.get("index") and not s["exact"]:
         rows.append(
             [f"recall@{s['k']} ({s['index'].get('factory')})", "", _num(s["index"].get("recall_at_k") or float("nan"))]

@@ -105,7 +105,7 @@ def _set_params(index: Any, nprobe: Optional[int], ef_search: Optional[int], k_c
     done: dict[str, int] = {}
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        probes = nprobe if nprobe is not None else min(ivf.nlist, max(16, ivf.nlist // 8))
+        probes = nprobe if nprobe is not None else min(ivf.nlist, max(8, ivf.nlist // 32))
         ivf.nprobe = int(probes)
         done["nprobe"] = int(probes)
     hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
@@ -308,7 +308,7 @@ class FaissIndex:
             k: neighbours per query.
             train: the TrainingSet the index was built for (checked by fingerprint; needed for the exact re-rank).
             k_candidates: candidates taken from the index before the re-rank (default k + 16, at least 2k).
-            nprobe, ef_search: IVF / HNSW search parameters (defaults: max(16, nlist/8) probes; efSearch 128).
+            nprobe, ef_search: IVF / HNSW search parameters (defaults: max(8, nlist/32) probes; efSearch 128).
             recall_sample: queries of an approximate search whose recall@k is measured against exact search
                 (0: do not measure).
 
