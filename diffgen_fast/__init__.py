@@ -5,7 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from diffgen_fast.data import TrainingSet
-from diffgen_fast.denoisers import EmpiricalDenoiser, GaussianDenoiser
+from diffgen_fast.denoisers import EmpiricalDenoiser, GaussianDenoiser, KNNDenoiser
 from diffgen_fast.errors import (
     BackendUnavailableError,
     DataFormatError,
@@ -32,6 +32,7 @@ __all__ = [
     "TrainingSet",
     "EmpiricalDenoiser",
     "GaussianDenoiser",
+    "KNNDenoiser",
     "MemorizationResult",
     "memorization",
     "softmax_denoise",

@@ -163,3 +163,101 @@ class GaussianDenoiser(_Denoiser):
         c = c * (a[:, None] * lam / (a[:, None] ** 2 * lam + (s * s)[:, None]))
         out = self.mean[None, :] + c @ self.eigvecs.T
         return out.to(device=xt.device, dtype=xt.dtype).reshape(xt.shape)
+
+
+class KNNDenoiser(_Denoiser):
+    """Approximate empirical denoiser for very large N (Niedoba et al. 2024; SCIENCE.md section 8).
+
+    Per query: the k nearest training points of x / alpha (exact kNN, or a faiss index) get their exact softmax
+    logits; the other N - k points are estimated by importance sampling: `n_samples` indices drawn uniformly from
+    the whole set (those that fall among the k neighbours are dropped), each standing for N / n_samples points. The
+    self-normalised estimate
+
+        D(x) = (sum_K w_j y_j + N/s sum_S w_i y_i) / (sum_K w_j + N/s sum_S w_i),  w = exp(-||x - a y||^2 / 2 s^2)
+
+    is exact when the neighbours carry all the mass (small sigma, or k = N) and unbiased in the tail sums otherwise.
+    Cost per call: the kNN search plus O((k + n_samples) d) per query, independent of N after the search.
+
+    Args:
+        train: TrainingSet or anything TrainingSet.coerce accepts.
+        k: neighbours computed exactly (clipped to N).
+        n_samples: uniform tail samples per query (0: neighbours only).
+        knn_backend: backend of the neighbour search ("auto", "cpu", "cuda", "faiss", "torch"); with a CUDA
+            training set the search and everything after it stays on the GPU (no host round trip).
+        index: optional faiss index spec / FaissIndex / saved path for the search (see knn(index=...)).
+        seed: seed of the tail samples (a generator advanced call after call; reproducible from construction).
+
+    After each call, `last_error` holds per-query diagnostics: `tail_bound` = (N - k) exp(z_k - z_1) / l, an upper
+    bound on the weight fraction outside the neighbours (certified), `tail_fraction` = the estimated weight fraction
+    of the tail, and `tail_stderr` = the standard error of the tail's share of the denominator from the samples.
+    """
+
+    def __init__(
+        self, train, *, k: int = 64, n_samples: int = 256, knn_backend: str = "auto", index=None, seed: int = 0
+    ):
+        ts = TrainingSet.coerce(train, name="train")
+        if len(ts) == 0:
+            raise InputError("train: empty training set; expected at least one point")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"k: expected an int >= 1, got {k!r}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
+            raise InputError(f"n_samples: expected an int >= 0, got {n_samples!r}")
+        ts.check_finite()
+        super().__init__(ts)
+        self.train_set = ts
+        self.k = min(k, len(ts))
+        self.n_samples = n_samples
+        self.knn_backend = knn_backend
+        self.index = index
+        self._gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.last_error: dict = {}
+
+    def forward(self, x, sigma, class_labels=None, *, alpha=1.0):
+        from diffgen_fast.ops import knn
+
+        if class_labels is not None:
+            raise InputError("class_labels: KNNDenoiser is unconditional; build one per class for conditioning")
+        xt = self._check_x(x)
+        M, N, k = xt.shape[0], len(self.train_set), self.k
+        dev = self.train_set.device
+        s = per_query(sigma, M, "sigma", device=dev)
+        a = per_query(alpha, M, "alpha", device=dev)
+        x64 = xt.reshape(M, -1).to(device=dev, dtype=torch.float64)
+        q = (x64 / a[:, None]).to(xt.dtype if xt.dtype != torch.bfloat16 else torch.float32)
+        if self.index is not None:
+            _, nbr = knn(q, self.train_set, k, index=self.index)
+        else:
+            _, nbr = knn(q, self.train_set, k, backend=self.knn_backend)
+        nbr = torch.as_tensor(nbr).to(dev)
+        inv2s2 = 0.5 / (s * s)
+
+        def logits(idx: torch.Tensor) -> torch.Tensor:  # [M, c] exact logits of the rows idx [M, c]
+            rows = self.train_set.flat()[idx.reshape(-1)].to(torch.float64).reshape(*idx.shape, -1)
+            diff = x64[:, None, :] - a[:, None, None] * rows
+            return -(diff * diff).sum(-1) * inv2s2[:, None], rows
+
+        z_k, y_k = logits(nbr)
+        m = z_k.max(dim=1).values
+        w_k = torch.exp(z_k - m[:, None])
+        l_k = w_k.sum(dim=1)
+        o = (w_k[:, :, None] * y_k).sum(dim=1)
+        l_t = torch.zeros(M, dtype=torch.float64, device=dev)
+        se = torch.zeros(M, dtype=torch.float64, device=dev)
+        if self.n_samples and k < N:
+            samp = torch.randint(0, N, (M, self.n_samples), generator=self._gen).to(dev)
+            keep = ~(samp[:, :, None] == nbr[:, None, :]).any(dim=2)
+            z_s, y_s = logits(samp)
+            w_s = torch.where(keep, torch.exp(z_s - m[:, None]), torch.zeros_like(z_s)) * (N / self.n_samples)
+            l_t = w_s.sum(dim=1)
+            o = o + (w_s[:, :, None] * y_s).sum(dim=1)
+            se = w_s.std(dim=1) * math.sqrt(self.n_samples) if self.n_samples > 1 else se
+        l = l_k + l_t
+        zk_min = z_k.min(dim=1).values
+        bound = (N - k) * torch.exp(zk_min - m) / l_k if k < N else torch.zeros_like(l)
+        self.last_error = {
+            "tail_bound": bound.clamp(max=1.0).cpu(),
+            "tail_fraction": (l_t / l).cpu(),
+            "tail_stderr": (se / l).cpu(),
+        }
+        out = o / l[:, None]
+        return out.to(device=xt.device, dtype=xt.dtype).reshape(xt.shape)
