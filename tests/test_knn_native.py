@@ -250,3 +250,12 @@ def test_bench_knn_cpu_tiny(tmp_path):
     for name in ("native_cpu", "torch"):
         assert rows[name]["status"] == "ok" and float(rows[name]["time_s"]) > 0
         assert rows[name]["exact"] == "True" and rows[name]["git_sha"] and rows[name]["date"]
+
+
+def test_custom_op_passes_opcheck():
+    if not hasattr(torch.library, "opcheck"):
+        pytest.skip("torch.library.opcheck needs torch >= 2.4")
+    from diffgen_fast.ops.knn import native  # noqa: F401  (registers the op)
+
+    x, y = make_problem(6, 50, 5, seed=3)
+    torch.library.opcheck(torch.ops.diffgen_fast.knn_topk_cpu, (x, y, 4, 7))
