@@ -914,3 +914,37 @@ def analyze_kde_cmd(d, ns, redraws, generator, seed, out_dir) -> None:
                f"{res.get('transition_N')}")  # fmt: skip
     click.echo(_table(["N", "P(Delta > 0)", "mean Delta / <rho_O, rho_O>", "KL(gen || true)"], rows, "rrrr"))
     _echo_files(out_dir, ["kde_relative_distance.json", "kde_relative_distance.png"])
+
+
+@analyze.command("sweep", short_help="Memorization and the Gaussian-structure metrics over nested subsets.")
+@_DATA
+@click.option("--ns", metavar="LIST", default="16,64,256,1024,1797", show_default=True, help="Subset sizes N")
+@click.option("--metrics", "metrics", metavar="LIST", default="memorization,linearity,gaussian_difference",
+              show_default=True, help="Any of memorization, linearity, gaussian_difference, gap")
+@click.option("--model", type=click.Choice(["empirical", "gaussian"]), default="empirical", show_default=True,
+              help="Denoiser built for each subset")
+@click.option("--samples", "n_samples", metavar="INT", type=click.IntRange(min=2), default=64, show_default=True)
+@_SEED
+@_OUT
+def analyze_sweep_cmd(data, ns, metrics, model, n_samples, seed, out_dir) -> None:
+    """Training-set-size sweep: for nested subsets of the data (first N points of one permutation), the chosen
+    metrics of the subset's empirical optimum (or Gaussian denoiser). Writes sweep.json and sweep.png."""
+    from diffgen_fast.denoisers import EmpiricalDenoiser, GaussianDenoiser
+    from diffgen_fast.metrics.sweep import size_sweep
+
+    train = _analysis_data(data, seed)
+    Ns = [min(n, len(train)) for n in _ints(ns, "--ns")]
+    make = EmpiricalDenoiser if model == "empirical" else GaussianDenoiser
+    ms = [m.strip() for m in metrics.split(",") if m.strip()]
+    res = size_sweep(train, Ns, make_denoiser=make, metrics=ms, n_samples=n_samples, seed=seed, out_dir=out_dir)
+    head, rows = ["N"], []
+    for i, N in enumerate(res["Ns"]):
+        row = [str(N)]
+        for m in ms:
+            v = res["metrics"][m][i]
+            row.append(f"{v:.3f}" if m == "memorization" else f"{min(v):.3g}..{max(v):.3g}")
+        rows.append(row)
+    head += [m if m == "memorization" else f"{m} (range over sigma)" for m in ms]
+    click.echo(f"{data}: {model} denoiser per subset; sigmas {_num(res['sigma'][0])}..{_num(res['sigma'][-1])}")
+    click.echo(_table(head, rows, "r" * len(head)))
+    _echo_files(out_dir, ["sweep.json", "sweep.png"])
