@@ -744,8 +744,99 @@ def index_info(path, train_path) -> None:
         click.echo("matches the training set: yes")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+# ----------------------------------------------------------------------------------------------------------------------
+# bench
+
+
+@main.command(short_help="Benchmark the ops against the papers' code and peers; ceilings, CSV, roofline.")
+@click.option("--op", "ops", multiple=True, metavar="OP", help="denoise, knn, kde (repeat or comma list; default all)")
+@click.option("--shapes", metavar="MxNxD,...", default=None, help='e.g. "256x20000x64,64x5000x3072" (all ops)')
+@click.option("--backends", metavar="NAMES", default=None, help="Comma list of our backends (default: all available)")
+@click.option("--precision", metavar="P,...", default="exact,fast", show_default=True, help="Denoise precisions")
+@click.option("--no-peers", is_flag=True, default=False, help="Skip the naive / chunked / keops / faiss peers")
+@click.option("--device", metavar="DEV", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option(
+    "--out",
+    "out_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="bench_out",
+    show_default=True,
+    help="Where bench.csv and roofline.png go",
+)
+@click.option(
+    "--compare",
+    "old_csv",
+    metavar="OLD.csv",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Compare times with an older bench.csv; exit 1 on a regression",
+)
+@click.option("--tolerance", type=float, default=0.2, show_default=True, help="Slow-down flagged by --compare")
+@click.option("--profile", is_flag=True, default=False, help="Also write a Chrome trace (DIR/trace.json)")
+@click.option("--tiny", is_flag=True, default=False, help="Tiny shapes (seconds)")
+@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per row")
+def bench(ops, shapes, backends, precision, no_peers, device, out_dir, old_csv, tolerance, profile, tiny, repeat):
+    """Time every available backend and peer per op and shape; print the ceilings and a table.
+
+    Measures the machine's ceilings first (GEMM rate and copy bandwidth), then each backend of ours and each peer
+    (the papers' naive torch, chunked torch, KeOps, faiss) with the error against float64 and peak memory; writes
+    DIR/bench.csv (device, versions, date, git SHA) and DIR/roofline.png.
+
+    \\b
+    Examples:
+
+    \\b
+    diffgen-fast bench --tiny --out /tmp/b
+    diffgen-fast bench --op denoise --shapes 256x20000x64 --backends cpu,torch
+    diffgen-fast bench --out new --compare old/bench.csv
+    """
+    import torch
+
+    from diffgen_fast import bench as B
+
+    def split(values):
+        return [v.strip() for s in values for v in s.split(",") if v.strip()]
+
+    op_list = split(ops) or list(B.OPS)
+    bad = [o for o in op_list if o not in B.OPS]
+    if bad:
+        raise click.BadParameter(f"unknown op {bad[0]!r}; expected {', '.join(B.OPS)}", param_hint="--op")
+    shape_list = None
+    if shapes:
+        try:
+            shape_list = [tuple(int(v) for v in s.lower().split("x")) for s in split([shapes])]
+        except ValueError:
+            shape_list = []
+        if not shape_list or any(len(s) != 3 or min(s) < 1 for s in shape_list):
+            raise click.BadParameter(f"expected MxNxD[,MxNxD...], got {shapes!r}", param_hint="--shapes")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ceil = B.measure_ceilings(dev)
+    click.echo(B.format_ceilings(ceil))
+    rows = B.run_bench(
+        ops=op_list,
+        shapes=shape_list,
+        backends=split([backends]) if backends else None,
+        precision=split([precision]),
+        peers=not no_peers,
+        device=dev,
+        repeat=repeat,
+        out_dir=out_dir,
+        tiny=tiny,
+        ceilings=ceil,
+        profile=(out_dir / "trace.json") if profile else None,
+    )
+    click.echo(B.format_table(rows))
+    extra = f" and {out_dir / 'trace.json'}" if profile else ""
+    click.echo(f"wrote {out_dir / 'bench.csv'} and {out_dir / 'roofline.png'}{extra}")
+    if old_csv:
+        res = B.compare(rows, old_csv, tolerance=tolerance)
+        click.echo(B.format_compare(res))
+        if any(c["flag"] == "REGRESSION" for c in res):
+            click.echo("regression: some rows are slower than the older results", err=True)
+            click.get_current_context().exit(1)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -977,3 +1068,7 @@ def analyze_transition_cmd(data, ns, steps, quick, seed, no_progress, out_dir) -
     click.echo(f"{data}: {res['settings'].get('steps')} training steps per N; {res['wall_seconds']:.0f} s")
     click.echo(_table(["N", "memorized", "gap to D* (mean over sigma)", "||D - D_G|| / ||D_G||"], rows, "rrrr"))
     _echo_files(out_dir, ["transition.json", "transition.png"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

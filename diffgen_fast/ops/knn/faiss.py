@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from diffgen_fast.errors import BackendUnavailableError, DataFormatError, InputError, InputTypeError, StaleIndexError
+from diffgen_fast.ops._profile import pass_range
 from diffgen_fast.ops.merge import merge_topk, select_topk
 from diffgen_fast.ops.softmax_denoise.reference import exact_sqdist_pairs
 
@@ -187,7 +188,8 @@ def knn_faiss_exact(x: torch.Tensor, train, k: int, *, chunk_size: Optional[int]
     best_d = torch.empty(x.shape[0], 0, dtype=torch.float64)
     best_i = torch.empty(x.shape[0], 0, dtype=torch.int64)
     for start, Y in train.iter_chunks(chunk_size, device="cpu"):
-        dk, ik = _exact_chunk(x64, x32, Y, k, start, rounded)
+        with pass_range("faiss.flat_chunk"):
+            dk, ik = _exact_chunk(x64, x32, Y, k, start, rounded)
         best_d, best_i = merge_topk(best_d, best_i, dk, ik, k)
         if progress is not None:
             progress(Y.shape[0])

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from diffgen_fast import _native
+from diffgen_fast.ops._profile import pass_range
 from diffgen_fast.ops.merge import merge_topk
 
 
@@ -56,7 +57,8 @@ def knn_cpu(x: torch.Tensor, train, k: int, *, chunk_size: Optional[int] = None)
     best_d: Optional[torch.Tensor] = None
     best_i: Optional[torch.Tensor] = None
     for start, Y in train.iter_chunks(chunk_size, device="cpu", dtype=dtype):
-        dk, ik = knn_topk_cpu(xc, Y, min(k, Y.shape[0]), start)
+        with pass_range("cpu.knn_chunk"):
+            dk, ik = knn_topk_cpu(xc, Y, min(k, Y.shape[0]), start)
         if best_d is None or best_i is None:
             best_d, best_i = dk, ik
         else:

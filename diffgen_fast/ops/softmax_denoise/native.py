@@ -26,6 +26,7 @@ import torch
 
 from diffgen_fast import _native
 from diffgen_fast.errors import BackendUnavailableError
+from diffgen_fast.ops._profile import pass_range
 from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state, finalize_softmax_state
 from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult, exact_sqdist_pairs, softmax_denoise_torch
 
@@ -81,7 +82,8 @@ def softmax_denoise_cpu(
         exact = precision != "fast"
         chunk = chunk_size or max(1024, (1 << 22) // d)
         for _, Y in train.iter_chunks(chunk, device="cpu", dtype=dtype):
-            _native.denoise_direct(xk, Y.T.contiguous(), c, alpha, exact, state)
+            with pass_range("cpu.direct"):
+                _native.denoise_direct(xk, Y.T.contiguous(), c, alpha, exact, state)
     else:
         _gemm_path(xk, train, sigma, alpha, c, precision != "fast", state, chunk_size)
     return _finish_result(state, need_out, dtype)
@@ -102,21 +104,25 @@ def _gemm_path(x, train, sigma, alpha, c, exact, state: SoftmaxState, chunk_size
     chunk = chunk_size or max(256, min(_BUF_ELEMS // max(M, 1), (1 << 28) // (4 * d)))
     for _, Y in train.iter_chunks(chunk, device="cpu", dtype=torch.float32):
         yy64 = torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
-        T = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T)  # (2/a) x.y - ||y||^2
+        with pass_range("cpu.pass1_scores"):
+            T = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T)  # (2/a) x.y - ||y||^2
         shift = torch.zeros(M, dtype=torch.float64)
         if exact:
-            T, shift = _exact_scores(T, x64, Y, alpha, xx, xnorm, sigma, yy64, d)
+            with pass_range("cpu.exact_rerank"):
+                T, shift = _exact_scores(T, x64, Y, alpha, xx, xnorm, sigma, yy64, d)
         off = (alpha * alpha * shift - xx) * c
-        mask = _native.denoise_epilogue(T, a2c, off, state, flags=state.o is not None)
+        with pass_range("cpu.epilogue"):
+            mask = _native.denoise_epilogue(T, a2c, off, state, flags=state.o is not None)
         if state.o is None:
             continue
         cols = mask.nonzero().squeeze(1)
         if cols.numel() == 0:
             continue
-        if cols.numel() < SPARSE_FRACTION * Y.shape[0]:
-            state.o.add_((T[:, cols] @ Y[cols]).to(torch.float64))
-        else:
-            state.o.add_((T @ Y).to(torch.float64))
+        with pass_range("cpu.pass2_output"):
+            if cols.numel() < SPARSE_FRACTION * Y.shape[0]:
+                state.o.add_((T[:, cols] @ Y[cols]).to(torch.float64))
+            else:
+                state.o.add_((T @ Y).to(torch.float64))
 
 
 def _exact_scores(T, x64, Y, alpha, xx, xnorm, sigma, yy64, d):

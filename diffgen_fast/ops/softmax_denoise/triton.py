@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from diffgen_fast.ops._profile import pass_range
 from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state, finalize_softmax_state, merge_softmax_states
 from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult, exact_sqdist_pairs
 
@@ -364,14 +365,16 @@ def _two_pass_chunk(
     pl = torch.zeros_like(pmax)
     pq = torch.zeros_like(pmax)
     m_key, d_key = _bucket(M), _bucket(d)
-    _scores_kernel[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(n, meta["BN"]))](
-        xk, Yk, yy, sx, c, T, pmax, pl, pq, M, n, d, xk.stride(0), Yk.stride(0), T.stride(0), n_tiles, m_key, d_key,
-        PREC=prec, TO_BF16=to_bf16, DOT_F32=interpreting(),
-    )  # fmt: skip
+    with pass_range("triton.pass1_scores", dev):
+        _scores_kernel[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(n, meta["BN"]))](
+            xk, Yk, yy, sx, c, T, pmax, pl, pq, M, n, d, xk.stride(0), Yk.stride(0), T.stride(0), n_tiles, m_key,
+            d_key, PREC=prec, TO_BF16=to_bf16, DOT_F32=interpreting(),
+        )  # fmt: skip
     tmax = pmax.max(dim=1).values
     shift = None
     if precision == "exact":
-        shift = _refine_exact(T, tmax, x64, Y, alpha, xx, xnorm, sigma, yy64, d)
+        with pass_range("triton.exact_rerank", dev):
+            shift = _refine_exact(T, tmax, x64, Y, alpha, xx, xnorm, sigma, yy64, d)
         if shift is not None:
             tmax = T.max(dim=1).values
     if not need_out and shift is None:
@@ -387,10 +390,11 @@ def _two_pass_chunk(
         L = torch.empty(S, M, dtype=torch.float32, device=dev)
         Q = torch.empty_like(L)
         Yo = Yk if need_out else torch.zeros(n, 1, dtype=Yk.dtype, device=dev)
-        _output_kernel[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(d_out, meta["BD"]), S)](
-            T, Yo, c, tmax.contiguous(), O, L, Q, M, n, d_out, T.stride(0), Yo.stride(0), per, m_key, d_key,
-            PREC=prec, P_LOW=precision == "fast", Y_TO_BF16=Yo.dtype == torch.float32, DOT_F32=interpreting(),
-        )  # fmt: skip
+        with pass_range("triton.pass2_output", dev):
+            _output_kernel[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(d_out, meta["BD"]), S)](
+                T, Yo, c, tmax.contiguous(), O, L, Q, M, n, d_out, T.stride(0), Yo.stride(0), per, m_key, d_key,
+                PREC=prec, P_LOW=precision == "fast", Y_TO_BF16=Yo.dtype == torch.float32, DOT_F32=interpreting(),
+            )  # fmt: skip
         o = O.sum(dim=0) if need_out else None
         l = L.to(torch.float64).sum(dim=0)
         q = Q.to(torch.float64).sum(dim=0)
@@ -437,10 +441,11 @@ def _fused_chunk(xk, Yk, yy64, sx, c, alpha, xx, inv2s2, precision, splits) -> S
     MX = torch.empty(S, M, dtype=torch.float32, device=dev)
     L = torch.empty_like(MX)
     Q = torch.empty_like(MX)
-    _fused_kernel[lambda meta: (triton.cdiv(M, meta["BM"]), S)](
-        xk, Yk, yy64.to(torch.float32), sx, c, O, MX, L, Q, M, n, d, xk.stride(0), Yk.stride(0), per, _bucket(M),
-        BD=BD, TO_BF16=precision == "fast" and xk.dtype == torch.float32, DOT_F32=interpreting(),
-    )  # fmt: skip
+    with pass_range("triton.fused", dev):
+        _fused_kernel[lambda meta: (triton.cdiv(M, meta["BM"]), S)](
+            xk, Yk, yy64.to(torch.float32), sx, c, O, MX, L, Q, M, n, d, xk.stride(0), Yk.stride(0), per, _bucket(M),
+            BD=BD, TO_BF16=precision == "fast" and xk.dtype == torch.float32, DOT_F32=interpreting(),
+        )  # fmt: skip
     state = empty_softmax_state(M, d, dtype=torch.float32, device=dev)
     for s in range(S):
         mx = MX[s].to(torch.float64)
