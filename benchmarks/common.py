@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import os
-import platform
 import statistics
-import subprocess
 import time
 from typing import Callable
 
@@ -15,41 +12,14 @@ import torch
 
 
 def git_sha() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except Exception:
-        return "unknown"
+    return environment(torch.device("cpu"))["git_sha"]
 
 
 def environment(device: torch.device) -> dict:
-    import numpy
+    """diffgen_fast.bench.environment (device, versions, date, git SHA) plus whether Triton runs interpreted."""
+    from diffgen_fast.bench import environment as _environment
 
-    import diffgen_fast
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda or "",
-        "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "numpy": numpy.__version__,
-        "diffgen_fast": diffgen_fast.__version__,
-        "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_sha": git_sha(),
-    }
+    return {**_environment(device), "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1"}
 
 
 def bench(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, device=None) -> tuple[float, float]:

@@ -575,26 +575,7 @@ def memorization(
         raise InputError(f"sharded: the ratio test needs at least 2 training points, got {sharded.n}")
     d2, idx, _, x2, _ = _knn_impl(samples, sharded, 2, backend, check_queries)
     dtype = torch.float64 if torch.float64 in (x2.dtype, sharded.dtype) else torch.float32
-    d2 = d2.to(dtype).clamp(min=0)
-    dist_ = d2.sqrt()
-    ratio = torch.where(
-        dist_[:, 1] > 0,
-        dist_[:, 0] / dist_[:, 1].clamp(min=torch.finfo(dist_.dtype).tiny),
-        torch.zeros_like(dist_[:, 0]),
-    )
-    mem = ratio < threshold
-    M = int(mem.numel())
-    return MemorizationResult(
-        nn_index=idx,
-        nn_sqdist=d2,
-        nn_dist=dist_,
-        ratio=ratio,
-        memorized=mem,
-        threshold=float(threshold),
-        fraction=float(mem.double().mean()) if M else float("nan"),
-        n_samples=M,
-        n_train=sharded.n,
-        value_range=sharded.value_range,
-        backend=backend,
+    return MemorizationResult.from_neighbours(
+        d2.to(dtype), idx, threshold, n_train=sharded.n, value_range=sharded.value_range, backend=backend,
         extra={"world_size": sharded.world},
-    )
+    )  # fmt: skip

@@ -38,6 +38,24 @@ class MemorizationResult:
     backend: str = "auto"
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_neighbours(
+        cls, d2: torch.Tensor, idx: torch.Tensor, threshold: float, *, n_train: int, value_range=None,
+        backend: str = "auto", extra: Optional[dict] = None,
+    ) -> MemorizationResult:  # fmt: skip
+        """The ratio test from the two nearest neighbours: d2 [M, 2] squared distances, idx [M, 2] indices."""
+        d2 = d2.clamp(min=0)
+        dist = d2.sqrt()
+        tiny = torch.finfo(dist.dtype).tiny
+        ratio = torch.where(dist[:, 1] > 0, dist[:, 0] / dist[:, 1].clamp(min=tiny), torch.zeros_like(dist[:, 0]))
+        mem = ratio < threshold
+        M = int(mem.numel())
+        return cls(
+            nn_index=idx, nn_sqdist=d2, nn_dist=dist, ratio=ratio, memorized=mem, threshold=float(threshold),
+            fraction=float(mem.double().mean()) if M else float("nan"), n_samples=M, n_train=n_train,
+            value_range=value_range, backend=backend, extra=dict(extra or {}),
+        )  # fmt: skip
+
     def summary(self) -> dict:
         """JSON-serialisable summary with every convention stated."""
         r = self.ratio.double()
@@ -87,24 +105,7 @@ def memorization(samples, train, *, threshold: float = 1 / 3, backend: str = "au
     if len(ts) < 2:
         raise InputError(f"train: the ratio test needs at least 2 training points, got {len(ts)}")
     d2, idx = knn(samples, ts, 2, backend=backend)
-    d2 = torch.as_tensor(d2).clamp(min=0)
-    idx = torch.as_tensor(idx)
-    dist = d2.sqrt()
-    ratio = torch.where(
-        dist[:, 1] > 0, dist[:, 0] / dist[:, 1].clamp(min=torch.finfo(dist.dtype).tiny), torch.zeros_like(dist[:, 0])
-    )
-    mem = ratio < threshold
-    M = int(mem.numel())
-    return MemorizationResult(
-        nn_index=idx,
-        nn_sqdist=d2,
-        nn_dist=dist,
-        ratio=ratio,
-        memorized=mem,
-        threshold=float(threshold),
-        fraction=float(mem.double().mean()) if M else float("nan"),
-        n_samples=M,
-        n_train=len(ts),
-        value_range=getattr(ts, "value_range", None),
-        backend=backend,
-    )
+    return MemorizationResult.from_neighbours(
+        torch.as_tensor(d2), torch.as_tensor(idx), threshold, n_train=len(ts),
+        value_range=getattr(ts, "value_range", None), backend=backend,
+    )  # fmt: skip
