@@ -31,6 +31,7 @@ import torch
 from diffgen_fast._atomic import _atomic_target
 from diffgen_fast.errors import DataFormatError, InputError, InputTypeError
 from diffgen_fast.metrics.copying import authenticity, ct_statistic, default_cells
+from diffgen_fast.metrics.memorization import MemorizationResult
 from diffgen_fast.ops import knn
 from diffgen_fast.ops.merge import merge_topk
 
@@ -311,71 +312,57 @@ def score(
             p.unlink()
     key = {"train": ts.fingerprint(), "n": len(ts), "metric": metric, "space": space_name, "backend": backend}
     passes: dict[str, Any] = {}
-    bar = _bar(progress, len(ts), "nearest neighbours")
-    index_info = None
-    try:
-        if index is not None:
-            if not stream_space.identity:
-                raise InputError("index: a faiss index searches the stored points; use it with pixel space or features")
-            d2, idx, index_info = knn(queries, ts, k, backend="faiss", index=index, return_info=True)
-            d2, idx = torch.as_tensor(d2).double(), torch.as_tensor(idx)
-            passes["neighbours"] = PassStats(chunks=1)
-        else:
-            d2, idx, passes["neighbours"] = stream_topk(
-                queries,
+
+    def run_pass(name: str, q: torch.Tensor, kk: int, desc: str, hook=None):
+        bar = _bar(progress, len(ts), desc)
+        try:
+            return stream_topk(
+                q,
                 ts,
-                k,
+                kk,
                 space=stream_space,
                 chunk_size=chunk_size,
                 backend=backend,
-                checkpoint=ck_dir / "pass-neighbours.npz" if ck_dir else None,
+                checkpoint=ck_dir / f"pass-{name}.npz" if ck_dir else None,
                 key=key,
                 progress=bar,
-                on_chunk=on_chunk,
+                on_chunk=hook,
             )
-    finally:
-        if bar is not None:
-            bar.close()
-    dist = d2.clamp(min=0).sqrt()
-    nn_index = idx.numpy()
-    nn_dist = dist.numpy()
-    ratio = _ratio(nn_dist)
-    per = {
-        "nn_index": nn_index[:M],
-        "nn_dist": nn_dist[:M],
-        "ratio": ratio[:M],
-        "memorized": ratio[:M] < threshold,
-    }
-    held = None
-    if H:
-        held = {
-            "nn_index": nn_index[M:],
-            "nn_dist": nn_dist[M:],
-            "ratio": ratio[M:],
-            "memorized": ratio[M:] < threshold,
+        finally:
+            if bar is not None:
+                bar.close()
+
+    index_info = None
+    if index is not None:
+        if not stream_space.identity:
+            raise InputError("index: a faiss index searches the stored points; use it with pixel space or features")
+        d2, idx, index_info = knn(queries, ts, k, backend="faiss", index=index, return_info=True)
+        d2, idx = torch.as_tensor(d2).double(), torch.as_tensor(idx)
+        passes["neighbours"] = PassStats(chunks=1)
+    else:
+        d2, idx, passes["neighbours"] = run_pass("neighbours", queries, k, "nearest neighbours", on_chunk)
+    # the ratio test of memorization(), on the first two neighbours of samples and held-out points
+    facts = MemorizationResult.from_neighbours(d2[:, :2], idx[:, :2], threshold, n_train=len(ts))
+    nn_index, nn_dist = idx.numpy(), d2.clamp(min=0).sqrt().numpy()
+    ratio, memorized = facts.ratio.numpy(), facts.memorized.numpy()
+
+    def nn_facts(rows: slice) -> dict:
+        return {
+            "nn_index": nn_index[rows],
+            "nn_dist": nn_dist[rows],
+            "ratio": ratio[rows],
+            "memorized": memorized[rows],
         }
+
+    per = nn_facts(slice(0, M))
+    held = nn_facts(slice(M, M + H)) if H else None
     # authenticity: the nearest other training point of each sample's nearest training point
     if check_authenticity and len(ts) >= 2:
         uniq = np.unique(nn_index[:M, 0])
         uq = torch.from_numpy(uniq)
         rows = ts[uq].reshape(len(uniq), -1).to("cpu")
         q_tr = rows if stream_space.identity else stream_space(rows, ts.shape)
-        bar = _bar(progress, len(ts), "authenticity")
-        try:
-            ad, ai, passes["authenticity"] = stream_topk(
-                q_tr.to(queries.dtype),
-                ts,
-                2,
-                space=stream_space,
-                chunk_size=chunk_size,
-                backend=backend,
-                checkpoint=ck_dir / "pass-authenticity.npz" if ck_dir else None,
-                key=key,
-                progress=bar,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
+        ad, ai, passes["authenticity"] = run_pass("authenticity", q_tr.to(queries.dtype), 2, "authenticity")
         ad = ad.clamp(min=0).sqrt()
         other = torch.where(ai[:, 0] == uq, ad[:, 1], ad[:, 0]).numpy()
         lookup = dict(zip(uniq.tolist(), other.tolist()))
@@ -397,13 +384,6 @@ def score(
         for p in ck_dir.glob("pass-*.npz") if ck_dir.is_dir() else []:
             p.unlink()
     return ScoreResult(per_sample=per, heldout=held, summary=summary, ct=ct)
-
-
-def _ratio(nn_dist: np.ndarray) -> np.ndarray:
-    d1, d2 = nn_dist[:, 0], nn_dist[:, 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(d2 > 0, d1 / np.where(d2 > 0, d2, 1.0), 0.0)
-    return r
 
 
 def _kmeans_centroids(ts, space: _Space, cells: int, seed: int) -> torch.Tensor:
