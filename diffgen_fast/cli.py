@@ -600,10 +600,14 @@ def score(
     diffgen-fast score --train train.npy --samples s.npy --train-features ft.npy --sample-features fs.npy \\
         --metric cosine --out score_out
     """
+    from diffgen_fast._outdir import OutputFolder
     from diffgen_fast.metrics.scoring import score as run_score
     from diffgen_fast.report import write_score_outputs
 
     t0 = time.perf_counter()
+    # One run per folder (a second is refused at once); the lock is held until the command returns.
+    folder = OutputFolder(out_dir, name="out").__enter__()
+    click.get_current_context().call_on_close(lambda: folder.__exit__(None, None, None))
     cache = cache_dir if cache_dir is not None else Path(out_dir) / ".cache"
     train = _open_set(train_path, "train", cache)
     samples = _open_set(samples_path, "samples", cache)
@@ -629,7 +633,10 @@ def score(
         check_authenticity=not no_authenticity,
         seed=seed,
     )
-    files = write_score_outputs(result, out_dir, samples, train)
+    # The files are written to a staging folder and published as one set (manifest.json names the run).
+    files = write_score_outputs(result, folder.stage(), samples, train)
+    folder.publish(files, info={"command": "diffgen-fast score"})
+    files = [*files, "manifest.json"]
     with contextlib.suppress(OSError):
         ck.rmdir()
     s = result.summary
