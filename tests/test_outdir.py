@@ -55,7 +55,10 @@ def test_second_holder_is_refused_at_once(tmp_path):
 
 
 def test_lock_is_released_when_the_holder_dies(tmp_path):
-    code = f"from diffgen_fast._outdir import OutputFolder; import os; OutputFolder({str(tmp_path / 'o')!r}).__enter__(); os._exit(9)"
+    code = (
+        "from diffgen_fast._outdir import OutputFolder; import os; "
+        f"OutputFolder({str(tmp_path / 'o')!r}).__enter__(); os._exit(9)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     with OutputFolder(tmp_path / "o"):
         pass

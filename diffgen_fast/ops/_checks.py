@@ -59,8 +59,12 @@ def check_queries(x: Any, name: str = "x") -> tuple[torch.Tensor, bool]:
     return t, was_np
 
 
-def per_query(value: Any, M: int, name: str, *, device: torch.device, positive: bool = True) -> torch.Tensor:
-    """A float, 0-d tensor, or M-element tensor/array ([M] or [M, 1, 1, 1]) as a float64 [M] tensor."""
+def per_query(
+    value: Any, M: int, name: str, *, device: torch.device, positive: bool = True, keep_grad: bool = False
+) -> torch.Tensor:
+    """A float, 0-d tensor, or M-element tensor/array ([M] or [M, 1, 1, 1]) as a float64 [M] tensor.
+
+    keep_grad: a tensor that requires grad stays attached to its graph (the conversion is differentiable)."""
     if isinstance(value, (bool, np.bool_)):
         raise InputTypeError(f"{name}: expected a float or a tensor of {M} floats, got bool")
     if isinstance(value, (int, float, np.floating, np.integer)):
@@ -85,6 +89,10 @@ def per_query(value: Any, M: int, name: str, *, device: torch.device, positive: 
         raise InputError(f"{name}: contains NaN or Inf; expected finite values")
     if positive and M and not bool((t > 0).all()):
         raise InputError(f"{name}: expected values > 0, got min {float(t.min()):g}")
+    if keep_grad and value.requires_grad and torch.is_grad_enabled():
+        return value.to(device=device, dtype=torch.float64).reshape(-1).expand(M) if value.numel() == 1 else (
+            value.to(device=device, dtype=torch.float64).reshape(M)
+        )  # fmt: skip
     return t
 
 

@@ -7,12 +7,22 @@ from typing import Any, Union
 
 import torch
 
+from diffgen_fast.errors import InputError
 from diffgen_fast.ops import dispatch
 from diffgen_fast.ops._checks import check_precision, per_query
 from diffgen_fast.ops._prepare import back, prepare
+from diffgen_fast.ops.softmax_denoise.autograd import differentiable_call, needs_grad
 from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult
 
 SigmaLike = Union[float, torch.Tensor, Any]
+
+
+def _check_train_grad(train) -> None:
+    if isinstance(train, torch.Tensor) and train.requires_grad and torch.is_grad_enabled():
+        raise InputError(
+            "train: requires grad, but no gradient flows to the training set (the ops differentiate in x, sigma "
+            "and alpha); pass train.detach()"
+        )
 
 
 def softmax_denoise(
@@ -39,20 +49,28 @@ def softmax_denoise(
         backend: "auto", "torch", "triton", "cpu", "cuda" (see diffgen_fast.ops.dispatch).
         precision: "auto", "fast" or "exact" (docs/precision.md for the error of each per backend).
 
+    Differentiable in x, sigma and alpha on every backend (autograd: the backend's forward and the closed-form
+    backward, J = (alpha / sigma^2) Cov_w(y), by one exact float64 pass over the training set); no gradient flows
+    to the training set.
+
     Returns:
         denoised [M, *shape] in x's dtype (accumulated in float32, or float64 when x or train is float64), the same
         kind (torch / numpy) as x; with return_lse, (denoised, lse) with lse float64 if accumulated in float64 else
         float32.
     """
     precision = check_precision(precision)
+    _check_train_grad(train)
     xt, x2, ts, was_np = prepare(x, train)
     M = x2.shape[0]
-    s = per_query(sigma, M, "sigma", device=x2.device)
-    a = per_query(alpha, M, "alpha", device=x2.device)
+    s = per_query(sigma, M, "sigma", device=x2.device, keep_grad=True)
+    a = per_query(alpha, M, "alpha", device=x2.device, keep_grad=True)
     _, impl = dispatch.resolve(
         "softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype), d=x2.shape[1]
     )
-    res: DenoiseResult = impl(x2, ts, s, a, precision=precision)
+    if needs_grad(x2, s, a):  # every backend: its forward, and the closed-form backward
+        res: DenoiseResult = differentiable_call(impl, x2, ts, s, a, precision=precision)
+    else:
+        res = impl(x2.detach(), ts, s, a, precision=precision)
     out = res.denoised.to(xt.dtype).reshape(xt.shape)
     lse_dtype = torch.float64 if res.denoised.dtype == torch.float64 else torch.float32
     if return_stats:
@@ -78,14 +96,18 @@ def kde_log_density(x, train, bandwidth: SigmaLike, *, backend: str = "auto"):
     Returns:
         [M] log-densities, float64 if x or train is float64 else float32; numpy if x was numpy.
     """
+    _check_train_grad(train)
     xt, x2, ts, was_np = prepare(x, train)
     M, d = x2.shape
-    h = per_query(bandwidth, M, "bandwidth", device=x2.device)
+    h = per_query(bandwidth, M, "bandwidth", device=x2.device, keep_grad=True)
     one = torch.ones(M, dtype=torch.float64, device=x2.device)
     _, impl = dispatch.resolve(
         "softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype), d=x2.shape[1]
     )
-    res: DenoiseResult = impl(x2, ts, h, one, precision="exact", need_out=False)
+    if needs_grad(x2, h):  # the gradient in x is the score (D - x) / h^2
+        res: DenoiseResult = differentiable_call(impl, x2, ts, h, one, precision="exact", need_out=False)
+    else:
+        res = impl(x2.detach(), ts, h, one, precision="exact", need_out=False)
     logp = res.lse - math.log(len(ts)) - 0.5 * d * torch.log(2.0 * math.pi * h * h)
     dtype = torch.float64 if torch.float64 in (x2.dtype, ts.dtype) else torch.float32
     return back(logp.to(dtype), was_np)
