@@ -15,7 +15,7 @@ from diffgen_fast.errors import (
     StaleIndexError,
 )
 from diffgen_fast.metrics.memorization import MemorizationResult, memorization
-from diffgen_fast.ops import kde_log_density, knn, softmax_denoise
+from diffgen_fast.ops import kde_log_density, knn, softmax_denoise, softmax_denoise_jvp
 from diffgen_fast.sampling import sample
 
 
@@ -36,6 +36,7 @@ __all__ = [
     "MemorizationResult",
     "memorization",
     "softmax_denoise",
+    "softmax_denoise_jvp",
     "kde_log_density",
     "knn",
     "sample",

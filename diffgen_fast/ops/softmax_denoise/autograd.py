@@ -159,4 +159,31 @@ def differentiable_call(
     return DenoiseResult(den if need_out else None, lse, top, neff)
 
 
-__all__ = ["differentiable_call", "needs_grad"]
+__all__ = ["differentiable_call", "needs_grad", "softmax_denoise_jvp"]
+
+
+def softmax_denoise_jvp(x, train, sigma, v, alpha=1.0, *, backend: str = "auto"):
+    """J v, the denoiser's Jacobian-vector product, streamed and exact (float64 pass): J = (alpha / sigma^2) Cov_w(y).
+
+    J is symmetric, so this is also the vector-Jacobian product v^T J. Args as softmax_denoise; v: [M, *shape] or
+    [M, d], the same shape as x. backend: accepted for symmetry with the other ops (the pass is the float64 torch
+    one on x's device, whichever backend is named). Returns J v with x's shape, float64 when x or train is float64
+    else float32; numpy in, numpy out.
+    """
+    from diffgen_fast.errors import InputError
+    from diffgen_fast.ops import dispatch
+    from diffgen_fast.ops._checks import check_queries, per_query
+    from diffgen_fast.ops._prepare import back, prepare
+
+    xt, x2, ts, was_np = prepare(x, train)
+    vt, _ = check_queries(v, "v")
+    if tuple(vt.shape) != tuple(xt.shape) and tuple(vt.reshape(vt.shape[0], -1).shape) != tuple(x2.shape):
+        raise InputError(f"v: expected the shape of x {tuple(xt.shape)}, got {tuple(vt.shape)}")
+    dispatch.resolve("softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype), d=x2.shape[1])
+    M = x2.shape[0]
+    s = per_query(sigma, M, "sigma", device=x2.device)
+    a = per_query(alpha, M, "alpha", device=x2.device)
+    v2 = vt.reshape(M, -1).to(device=x2.device)
+    jv, _, _ = _backward_pass(x2.detach(), ts, s, a, v2.detach(), None)
+    dtype = torch.float64 if torch.float64 in (x2.dtype, ts.dtype) else torch.float32
+    return back(jv.to(dtype).reshape(xt.shape), was_np)
