@@ -62,7 +62,7 @@ def test_spectrum_of_the_gaussian_denoiser_by_autograd():
     scales = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
     y = torch.randn(400, 5, generator=g, dtype=torch.float64) * scales
     G = dg.GaussianDenoiser(y)
-    res = jacobian_spectrum(G, torch.zeros(5, dtype=torch.float64), 1.0, k=4, trace_probes=64)
+    res = jacobian_spectrum(G, torch.zeros(5, dtype=torch.float64), 1.0, k=4, trace_probes=64, dense_max=0)
     lam = G.eigvals
     np.testing.assert_allclose(res["eigenvalues"], (lam / (lam + 1.0))[:4].numpy(), rtol=1e-8)
     assert not res["exact"] and res["asymmetry"] < 1e-10
@@ -76,3 +76,33 @@ def test_spectrum_bad_input():
         jacobian_spectrum(D, y[0], 0.5, k=4)
     with pytest.raises(InputError, match="sigma"):
         jacobian_spectrum(D, y[0], 0.0, k=2)
+
+
+@pytest.mark.parametrize("dense_max", [0, 1024])
+def test_dense_and_lanczos_paths_agree_and_survive_a_zero_jacobian(dense_max):
+    _, y = make_problem(1, 80, 6, dtype=torch.float64, seed=8)
+    D = dg.EmpiricalDenoiser(y)
+    x = y[3] + 0.2 * torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    res = jacobian_spectrum(D, x, 0.3, k=3, dense_max=dense_max)
+    ev = torch.linalg.eigvalsh(dense_jacobian(x, y, 0.3, 1.0)).flip(0)[:3]
+    np.testing.assert_allclose(res["eigenvalues"], ev.numpy(), rtol=1e-7, atol=1e-10)
+    zero = jacobian_spectrum(D, y[3], 1e-4, k=2, dense_max=dense_max)  # all weight on one point: J = 0
+    assert np.all(zero["eigenvalues"] == 0) and zero["trace"] == 0
+
+
+def test_analyze_jacobian_cli(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from diffgen_fast.cli import main
+
+    r = CliRunner().invoke(main, ["analyze", "jacobian", "--steps", "20", "--sigmas", "3", "--points", "2", "--k", "4",
+                                  "--out", str(tmp_path)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "jacobian.json").read_text())
+    dstar = res["denoisers"]["D* (empirical)"]
+    assert dstar["exact"] and dstar["effective_rank"][-1] == 0  # sigma = 0.002: D* copies one point, J = 0
+    dg_ = res["denoisers"]["D_G (Gaussian)"]
+    assert dg_["effective_rank"][-1] > 30  # D_G at tiny sigma is near the identity on the data's span
+    assert (tmp_path / "jacobian.png").stat().st_size > 0 and "closed form" in r.output

@@ -31,7 +31,7 @@ def _matvecs(denoiser: Any, x: torch.Tensor, sigma: float, alpha: float, class_l
 
         def jv(v: torch.Tensor) -> torch.Tensor:
             out = softmax_denoise_jvp(xd, ts, sigma, v.reshape(shape).to(xd.dtype), alpha)
-            return out.reshape(-1).double()
+            return out.reshape(-1).double().detach()
 
         return jv, jv, True
 
@@ -44,14 +44,35 @@ def _matvecs(denoiser: Any, x: torch.Tensor, sigma: float, alpha: float, class_l
 
     def jv(v: torch.Tensor) -> torch.Tensor:
         _, t = torch.func.jvp(f, (x.detach(),), (v.reshape(shape).to(x.dtype),))
-        return t.reshape(-1).double()
+        return t.reshape(-1).double().detach()
 
     def vj(v: torch.Tensor) -> torch.Tensor:
         xr = x.detach().clone().requires_grad_()
         (g,) = torch.autograd.grad(f(xr), xr, v.reshape(shape).to(x.dtype))
-        return g.reshape(-1).double()
+        return g.reshape(-1).double().detach()
 
     return jv, vj, False
+
+
+def _dense(denoiser: Any, x: torch.Tensor, sigma: float, alpha: float, class_labels, exact: bool) -> np.ndarray:
+    """The whole Jacobian [d, d] at one point: one streamed pass with d rows for D*, reverse mode for the rest."""
+    d = x[0].numel()
+    if exact:
+        from diffgen_fast.ops.softmax_denoise.autograd import softmax_denoise_jvp
+
+        xs = x.detach().reshape(1, d).expand(d, d)
+        eye = torch.eye(d, dtype=x.dtype)
+        return softmax_denoise_jvp(xs, denoiser.train_set, sigma, eye, alpha).double().T.numpy()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        kw = {} if class_labels is None else {"class_labels": class_labels}
+        if alpha != 1.0:
+            kw["alpha"] = alpha
+        sig = torch.full((1,), float(sigma), dtype=z.dtype)
+        return torch.as_tensor(denoiser(z.reshape(x.shape), sig, **kw)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(f, x.detach().reshape(-1), vectorize=False)
+    return J.detach().double().numpy()
 
 
 def jacobian_spectrum(
@@ -65,6 +86,7 @@ def jacobian_spectrum(
     tol: float = 1e-10,
     seed: int = 0,
     trace_probes: int = 32,
+    dense_max: int = 1024,
 ) -> dict:
     """Top-k eigenpairs of the Jacobian of `denoiser` at the point x.
 
@@ -74,7 +96,9 @@ def jacobian_spectrum(
         sigma: noise level > 0; alpha: signal scale (passed to the denoiser when != 1).
         k: eigenpairs wanted, 1 <= k < d.
         tol: Lanczos tolerance; seed: its start vector and the trace probes.
-        trace_probes: Hutchinson probes for the trace when it is not closed form.
+        trace_probes: Hutchinson probes for the trace when it is not closed form (Lanczos path).
+        dense_max: up to this d the whole Jacobian is built from d products and diagonalised (exact eigenpairs
+            and trace); above it, Lanczos on the products.
     Returns:
         dict with eigenvalues [k] (descending, numpy float64), eigenvectors [k, *shape] (numpy), trace (exact for
         D*: (alpha / sigma^2) sum_j Var_w(y_j); else a Hutchinson estimate with its standard error), effective_rank
@@ -108,18 +132,32 @@ def jacobian_spectrum(
         out = jv(t) if exact else 0.5 * (jv(t) + vj(t))
         return out.cpu().numpy()
 
-    op = LinearOperator((d, d), matvec=sym, dtype=np.float64)
-    vals, vecs = eigsh(op, k=k, which="LA", tol=tol, v0=rng.standard_normal(d))
-    order = np.argsort(vals)[::-1]
-    vals, vecs = vals[order], vecs[:, order]
-    if exact:
-        trace, trace_se = _trace_empirical(denoiser, xt, float(sigma), float(alpha)), 0.0
+    if d <= dense_max:
+        # d products give the whole (symmetrised) matrix: exact eigenpairs and trace, no iteration to fail
+        Jm = _dense(denoiser, xt, float(sigma), float(alpha), class_labels, exact)
+        Jm = 0.5 * (Jm + Jm.T)
+        allv, allvec = np.linalg.eigh(Jm)
+        vals, vecs = allv[::-1][:k].copy(), allvec[:, ::-1][:, :k].copy()
+        trace, trace_se = float(np.trace(Jm)), 0.0
+        method = "dense"
     else:
-        est = []
-        for _ in range(trace_probes):
-            z = rng.choice([-1.0, 1.0], size=d)
-            est.append(float(z @ sym(z)))
-        trace, trace_se = float(np.mean(est)), float(np.std(est, ddof=1) / math.sqrt(len(est)))
+        v0 = rng.standard_normal(d)
+        if not np.any(sym(v0)):  # the zero operator (e.g. D* at tiny sigma): ARPACK cannot start
+            vals, vecs = np.zeros(k), np.eye(d, k)
+        else:
+            op = LinearOperator((d, d), matvec=sym, dtype=np.float64)
+            vals, vecs = eigsh(op, k=k, which="LA", tol=tol, v0=v0)
+            order = np.argsort(vals)[::-1]
+            vals, vecs = vals[order], vecs[:, order]
+        method = "lanczos"
+        if exact:
+            trace, trace_se = _trace_empirical(denoiser, xt, float(sigma), float(alpha)), 0.0
+        else:
+            est = []
+            for _ in range(trace_probes):
+                z = rng.choice([-1.0, 1.0], size=d)
+                est.append(float(z @ sym(z)))
+            trace, trace_se = float(np.mean(est)), float(np.std(est, ddof=1) / math.sqrt(len(est)))
     top = float(vals[0]) if vals[0] > 0 else float("nan")
     pos = np.clip(vals, 0, None)
     return {
@@ -127,10 +165,11 @@ def jacobian_spectrum(
         "eigenvectors": vecs.T.reshape(k, *xt.shape[1:]),
         "trace": trace,
         "trace_stderr": trace_se,
-        "effective_rank": trace / top if top == top else float("nan"),
+        "effective_rank": trace / top if top == top else 0.0,  # J = 0 (a copying D*): rank 0
         "participation_ratio": float(pos.sum() ** 2 / (pos**2).sum()) if pos.sum() > 0 else float("nan"),
         "asymmetry": asymmetry,
         "exact": exact,
+        "method": method,
         "sigma": float(sigma),
         "alpha": float(alpha),
     }
@@ -152,4 +191,121 @@ def _trace_empirical(denoiser: Any, x: torch.Tensor, sigma: float, alpha: float)
     return alpha / sigma**2 * total
 
 
-__all__ = ["jacobian_spectrum"]
+__all__ = ["analyze_jacobian", "jacobian_spectrum"]
+
+
+def analyze_jacobian(
+    denoisers: dict,
+    train,
+    *,
+    sigmas,
+    k: int = 16,
+    n_points: int = 4,
+    seed: int = 0,
+    out_dir=None,
+) -> dict:
+    """Jacobian spectra against sigma: for each denoiser and sigma, the top-k eigenvalues and the effective rank
+    (tr J / largest eigenvalue) at n_points probes x = y + sigma n (y drawn from the training set; the same probes
+    for every denoiser), with a JSON and a figure when out_dir is given.
+
+    Returns {"metric": "jacobian", "sigma": [S], "denoisers": {name: {"effective_rank": [S], "effective_rank_stderr":
+    [S], "trace": [S], "eigenvalues": [S][k] (mean over probes), "asymmetry": [S], "exact": bool}}, "settings"}.
+    """
+    from diffgen_fast.data import TrainingSet
+
+    ts = TrainingSet.coerce(train, name="train")
+    sig = [float(s) for s in sigmas]
+    if not sig or any(not (math.isfinite(s) and s > 0) for s in sig):
+        raise InputError(f"sigmas: expected finite values > 0, got {sigmas!r}")
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 1:
+        raise InputError(f"n_points: expected an int >= 1, got {n_points!r}")
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, len(ts), (n_points,), generator=gen)
+    base = ts[rows].reshape(n_points, *ts.shape).double().cpu()
+    noise = torch.randn(base.shape, generator=gen, dtype=torch.float64)
+    out: dict = {
+        "metric": "jacobian",
+        "sigma": sig,
+        "denoisers": {},
+        "settings": {
+            "k": k, "n_points": n_points, "seed": seed, "n_train": len(ts), "d": ts.d,
+            "probes": "x = y + sigma n, y drawn from the training set (the same for every denoiser)",
+            "effective_rank": "tr J / lambda_max (exact trace for D*, Hutchinson with 32 probes otherwise)",
+            "eigenpairs": "top k of the symmetric part (J + J^T)/2 by Lanczos (scipy eigsh)",
+        },
+    }  # fmt: skip
+    for name, D in denoisers.items():
+        er, er_se, tr, ev, asym = [], [], [], [], []
+        exact = False
+        for s in sig:
+            per = []
+            for p in range(n_points):
+                x = base[p] + s * noise[p]
+                if not isinstance(D, torch.nn.Module) or next(D.parameters(), None) is None:
+                    xx = x
+                else:
+                    xx = x.to(next(D.parameters()).dtype)
+                per.append(jacobian_spectrum(D, xx, s, k, seed=seed + p))
+            ranks = np.array([r["effective_rank"] for r in per], dtype=np.float64)
+            er.append(float(np.nanmean(ranks)))
+            er_se.append(float(np.nanstd(ranks, ddof=1) / math.sqrt(len(ranks))) if len(ranks) > 1 else 0.0)
+            tr.append(float(np.mean([r["trace"] for r in per])))
+            ev.append(np.mean([r["eigenvalues"] for r in per], axis=0).tolist())
+            asym.append(float(np.max([r["asymmetry"] for r in per])))
+            exact = bool(per[0]["exact"])
+        out["denoisers"][name] = {
+            "effective_rank": er, "effective_rank_stderr": er_se, "trace": tr, "eigenvalues": ev,
+            "asymmetry": asym, "exact": exact,
+        }  # fmt: skip
+    if out_dir is not None:
+        from pathlib import Path
+
+        from diffgen_fast.report import write_json_atomic
+
+        d = Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        json_path = write_json_atomic(out, d / "jacobian.json")
+        png_path = _plot_jacobian(out, d / "jacobian.png")
+        out["files"] = {"json": str(json_path), "png": str(png_path)}
+    return out
+
+
+def _plot_jacobian(result: dict, path) -> Any:
+    from diffgen_fast.report import _new_figure, _save_figure
+
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    fig = _new_figure(12.0, 4.4)
+    ax1 = fig.add_subplot(1, 2, 1)
+    ax2 = fig.add_subplot(1, 2, 2)
+    x = np.asarray(result["sigma"], dtype=np.float64)
+    mid = len(x) // 2
+    for i, (name, r) in enumerate(result["denoisers"].items()):
+        c = colors[i % len(colors)]
+        m = np.asarray(r["effective_rank"])
+        e = 1.96 * np.asarray(r["effective_rank_stderr"])
+        ax1.plot(x, m, marker="o", ms=3, color=c, label=name)
+        ax1.fill_between(x, m - e, m + e, color=c, alpha=0.2, lw=0)
+        for j, ls in ((0, ":"), (mid, "--"), (len(x) - 1, "-")):
+            ev = np.asarray(r["eigenvalues"][j], dtype=np.float64)
+            label = f"{name}, sigma={x[j]:.3g}"
+            if not np.any(ev > 0):  # J = 0 (D* copying one point): nothing to draw on a log axis
+                ax2.plot([], [], ls=ls, color=c, label=label + " (J = 0)")
+                continue
+            ax2.plot(np.arange(1, len(ev) + 1), np.where(ev > 0, ev, np.nan), ls=ls, color=c, label=label)
+    ax1.set_xscale("log")
+    ax1.set_ylim(bottom=0)
+    ax1.set_xlabel("sigma")
+    ax1.set_ylabel("effective rank  tr J / lambda_max")
+    ax1.set_title("Effective rank of the Jacobian (95% bands over probes)", fontsize=10)
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("eigenvalue index")
+    ax2.set_ylabel("eigenvalue of J")
+    ax2.set_title("Top eigenvalues (mean over probes)", fontsize=10)
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=6, ncol=2)
+    st = result["settings"]
+    fig.suptitle(f"Denoiser Jacobian spectra, N={st['n_train']}, d={st['d']}, {st['n_points']} probes per sigma",
+                 fontsize=11)  # fmt: skip
+    return _save_figure(fig, path)
