@@ -423,11 +423,37 @@ inline bool cand_less(const Cand& a, const Cand& b) {
 
 // Sorts the first k of c by (distance, index) and says whether they are certified to be the exact top-k given
 // that every point outside c had an approximate distance >= t.
+// A list shorter than k (some approximate distances were not finite and never entered a heap) is never certified.
 template <typename T>
 DIFFGEN_FAST_INLINE bool select_and_certify(const Plan<T>& pl, i64 q, std::vector<Cand>& c, double t) {
     const i64 k = pl.k;
+    if (static_cast<i64>(c.size()) < k) return false;
     std::partial_sort(c.begin(), c.begin() + k, c.end(), cand_less);
     return lower_bound_of(pl, q, t) > c[static_cast<std::size_t>(k - 1)].dist;
+}
+
+// True when the approximate pass of query q may have overflowed T (inf or NaN distances, which never enter a heap
+// and break the error bounds): every approximate distance and every term of the norm expansion is at most
+// (||x|| + max ||y||)^2 up to rounding, so below a sixteenth of T's largest value nothing overflows.
+template <typename T>
+DIFFGEN_FAST_INLINE bool may_overflow(const Plan<T>& pl, i64 q) {
+    const double s = std::sqrt(pl.xx[q]) + std::sqrt(pl.ymax2);
+    return !(s * s < 0.0625 * static_cast<double>(std::numeric_limits<T>::max()));
+}
+
+// The exact top-k of query q by brute force: every distance in float64 as differences, ordered by (distance, index).
+// Distances that overflow float64 are +inf and order by index (the caller reports them).
+template <typename T>
+DIFFGEN_FAST_INLINE void brute_force_query(const Plan<T>& pl, i64 q, std::vector<Cand>& c) {
+    const i64 d = pl.d;
+    const T* xq = pl.x + q * d;
+    c.clear();
+    c.reserve(static_cast<std::size_t>(pl.n));
+    for (i64 j = 0; j < pl.n; ++j) {
+        const double v = exact_sqdist(xq, pl.y + j * d, d);
+        c.push_back({std::isnan(v) ? std::numeric_limits<double>::infinity() : v, j});
+    }
+    std::partial_sort(c.begin(), c.begin() + pl.k, c.end(), cand_less);
 }
 
 // A query that could not be certified: all its approximate distances, then the kc smallest re-ranked, doubling kc.
@@ -450,9 +476,18 @@ DIFFGEN_FAST_INLINE void redo_query(const Plan<T>& pl, i64 q, i64 kc, std::vecto
         double t = std::numeric_limits<double>::infinity();
         if (kc < pl.n) {
             const T* a = approx.data();
-            std::nth_element(order.begin(), order.begin() + (kc - 1), order.end(),
-                             [a](i64 i, i64 j) { return a[i] < a[j] || (a[i] == a[j] && i < j); });
-            t = static_cast<double>(a[order[kc - 1]]);
+            // NaN (not expected: may_overflow routes such queries to the brute force) sorts as +inf, so that the
+            // comparison stays a strict weak ordering.
+            const auto key = [a](i64 i) {
+                const T v = a[i];
+                return std::isnan(v) ? std::numeric_limits<T>::infinity() : v;
+            };
+            std::nth_element(order.begin(), order.begin() + (kc - 1), order.end(), [&key](i64 i, i64 j) {
+                const T vi = key(i);
+                const T vj = key(j);
+                return vi < vj || (vi == vj && i < j);
+            });
+            t = static_cast<double>(key(order[kc - 1]));
         }
         c.clear();
         for (i64 j = 0; j < kc; ++j) c.push_back({exact_sqdist(xq, pl.y + order[j] * d, d), order[j]});
@@ -469,6 +504,16 @@ DIFFGEN_FAST_INLINE void finish_query_impl(const Plan<T>& pl, i64 q) {
     const i64 qi = q - pl.q0;
     const T* xq = pl.x + q * d;
     std::vector<Cand> c;
+    double* od = pl.out_dist + q * pl.k;
+    i64* oi = pl.out_index + q * pl.k;
+    if (may_overflow(pl, q)) {
+        brute_force_query(pl, q, c);
+        for (i64 j = 0; j < pl.k; ++j) {
+            od[j] = c[static_cast<std::size_t>(j)].dist;
+            oi[j] = c[static_cast<std::size_t>(j)].index + pl.index_offset;
+        }
+        return;
+    }
     c.reserve(static_cast<std::size_t>(pl.splits * kk));
     double t = std::numeric_limits<double>::infinity();
     for (i64 s = 0; s < pl.splits; ++s) {
@@ -482,8 +527,7 @@ DIFFGEN_FAST_INLINE void finish_query_impl(const Plan<T>& pl, i64 q) {
         for (i64 j = 0; j < cnt; ++j) c.push_back({exact_sqdist(xq, pl.y + hi[j] * d, d), hi[j]});
     }
     if (!select_and_certify(pl, q, c, t)) redo_query<T, DIFF>(pl, q, 2 * kk, c);
-    double* od = pl.out_dist + q * pl.k;
-    i64* oi = pl.out_index + q * pl.k;
+    if (static_cast<i64>(c.size()) < pl.k) brute_force_query(pl, q, c);  // never read past a short list
     for (i64 j = 0; j < pl.k; ++j) {
         od[j] = c[static_cast<std::size_t>(j)].dist;
         oi[j] = c[static_cast<std::size_t>(j)].index + pl.index_offset;

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from diffgen_fast.errors import InputError
-from diffgen_fast.ops import knn
+from diffgen_fast.ops.knn import knn_sqdist64
 
 
 @dataclass
@@ -104,7 +104,7 @@ def memorization(samples, train, *, threshold: float = 1 / 3, backend: str = "au
     ts = TrainingSet.coerce(train, name="train")
     if len(ts) < 2:
         raise InputError(f"train: the ratio test needs at least 2 training points, got {len(ts)}")
-    d2, idx = knn(samples, ts, 2, backend=backend)
+    d2, idx, _ = knn_sqdist64(samples, ts, 2, backend=backend)  # float64: the ratio needs distances float32 can't hold
     return MemorizationResult.from_neighbours(
         torch.as_tensor(d2), torch.as_tensor(idx), threshold, n_train=len(ts),
         value_range=getattr(ts, "value_range", None), backend=backend,

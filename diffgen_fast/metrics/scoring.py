@@ -33,6 +33,7 @@ from diffgen_fast.errors import DataFormatError, InputError, InputTypeError
 from diffgen_fast.metrics.copying import authenticity, ct_statistic, default_cells
 from diffgen_fast.metrics.memorization import MemorizationResult
 from diffgen_fast.ops import knn
+from diffgen_fast.ops.knn import knn_sqdist64
 from diffgen_fast.ops.merge import merge_topk
 
 log = logging.getLogger("diffgen_fast.scoring")
@@ -161,7 +162,7 @@ def stream_topk(
             stats.chunks_skipped += 1
             continue
         F = Y if space is None or space.identity else space(Y, train.shape)
-        d2, idx = knn(queries, F, min(k, n), backend=backend)
+        d2, idx, _ = knn_sqdist64(queries, F, min(k, n), backend=backend)
         best_d, best_i = merge_topk(best_d, best_i, torch.as_tensor(d2).double(), torch.as_tensor(idx) + start, k)
         done = start + n
         ck.save(best_d, best_i, done)
@@ -336,7 +337,7 @@ def score(
     if index is not None:
         if not stream_space.identity:
             raise InputError("index: a faiss index searches the stored points; use it with pixel space or features")
-        d2, idx, index_info = knn(queries, ts, k, backend="faiss", index=index, return_info=True)
+        d2, idx, index_info = knn_sqdist64(queries, ts, k, backend="faiss", index=index)
         d2, idx = torch.as_tensor(d2).double(), torch.as_tensor(idx)
         passes["neighbours"] = PassStats(chunks=1)
     else:

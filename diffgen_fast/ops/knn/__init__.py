@@ -9,6 +9,8 @@ import torch
 from diffgen_fast.errors import InputError, InputTypeError
 from diffgen_fast.ops import dispatch
 from diffgen_fast.ops._prepare import back, prepare
+from diffgen_fast.ops.merge import merge_topk, select_topk
+from diffgen_fast.ops.softmax_denoise.reference import sqdist_diff64
 
 
 def knn(
@@ -41,7 +43,57 @@ def knn(
         Distances are exact (float64 differences) for every point returned; an approximate index may miss true
         neighbours, which its measured recall_at_k tells. sqdist is float64 when queries or train is float64,
         else float32. Numpy in, numpy out. With return_info, (sqdist, index, info).
+    Raises:
+        InputError naming `queries` and the rows: when the squared distances of a row overflow even float64
+        (values around 1e154 and beyond), or when float32 inputs have squared distances float32 cannot hold
+        (above ~3.4e38, or nonzero below its smallest subnormal): pass float64 inputs then (docs/precision.md).
     """
+    d2, idx, info, was_np, dtype, x2 = _knn64(
+        queries, train, k, backend=backend, index=index, nprobe=nprobe, ef_search=ef_search,
+        recall_sample=recall_sample,
+    )  # fmt: skip
+    if dtype == torch.float32:
+        d32 = d2.to(torch.float32)
+        over = (torch.isinf(d32) & torch.isfinite(d2)).any(dim=1)
+        under = ((d32 == 0) & (d2 > 0)).any(dim=1)
+        for rows, how in ((over, "above float32's largest value"), (under, "below float32's smallest subnormal")):
+            if bool(rows.any()):
+                raise InputError(
+                    f"queries: the squared distances of rows {_rows_text(rows.nonzero().squeeze(1))} are {how}, so "
+                    f"the float32 result (float32 inputs) cannot hold them; pass float64 inputs (float32 values "
+                    f"convert exactly)"
+                )
+    out_d = back(d2.to(device=x2.device, dtype=dtype), was_np)
+    out_i = back(idx.to(x2.device), was_np)
+    return (out_d, out_i, info) if return_info else (out_d, out_i)
+
+
+def _rows_text(rows: torch.Tensor) -> str:
+    r = rows.tolist()
+    return ", ".join(map(str, r[:8])) + (f", ... ({len(r)} rows)" if len(r) > 8 else "")
+
+
+def knn_sqdist64(queries, train, k: int, *, backend: str = "auto", **kw):
+    """knn with the squared distances as float64 torch tensors whatever the input dtype (the ratio test of
+    memorization and scoring needs them where float32 cannot hold them). Returns (sqdist, index, info)."""
+    d2, idx, info, _, _, _ = _knn64(queries, train, k, backend=backend, **kw)
+    return d2.cpu(), idx.cpu(), info
+
+
+def knn_exact_rows(x: torch.Tensor, ts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of the rows x [m, d] by float64 differences, streamed over the training set: (sqdist, index)."""
+    best_d = torch.empty(x.shape[0], 0, dtype=torch.float64, device=x.device)
+    best_i = torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
+    x64 = x.to(torch.float64)
+    for start, Y in ts.iter_chunks(max(1, (1 << 22) // max(1, ts.d)), device=x.device):
+        d2 = sqdist_diff64(x64, Y)
+        i = torch.arange(start, start + Y.shape[0], device=x.device).expand(x.shape[0], -1)
+        dk, ik = select_topk(d2, i, min(k, Y.shape[0]))
+        best_d, best_i = merge_topk(best_d, best_i, dk, ik, k)
+    return best_d, best_i
+
+
+def _knn64(queries, train, k, *, backend="auto", index=None, nprobe=None, ef_search=None, recall_sample=256):
     if isinstance(k, bool) or not isinstance(k, int):
         raise InputTypeError(f"k: expected an int, got {type(k).__name__}")
     xt, x2, ts, was_np = prepare(queries, train, x_name="queries")
@@ -61,7 +113,30 @@ def knn(
         d2, idx = impl(x2, ts, k)
         info = {"exact": True, "recall_at_k": 1.0}
     info = {"backend": name, **info}
+    d2 = d2.to(device=x2.device, dtype=torch.float64)
+    idx = idx.to(x2.device)
+    # One guard for every backend: rows with a non-finite distance or an index outside [0, N) (float32 overflow in
+    # a backend: faiss gives -1 / inf, others inf) are recomputed exactly by float64 differences. An approximate
+    # index may legitimately miss points (-1): only its rows that found nothing, or whose distances overflowed,
+    # are recomputed.
+    N = len(ts)
+    out_of_range = (idx >= N) | (idx < 0)
+    if info.get("exact", True):
+        bad = (~torch.isfinite(d2) | out_of_range).any(dim=1)
+    else:
+        bad = (~torch.isfinite(d2) & (idx >= 0)).any(dim=1) | (idx < 0).all(dim=1) | (idx >= N).any(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        fd, fi = knn_exact_rows(x2[rows], ts, k)
+        d2, idx = d2.clone(), idx.clone()
+        d2[rows], idx[rows] = fd, fi
+        if "missing" in info:
+            info["missing"] = int((idx < 0).sum())
+        over = ~torch.isfinite(fd[:, -1])
+        if bool(over.any()):
+            raise InputError(
+                f"queries: the squared distances of rows {_rows_text(rows[over])} overflow even float64 (values too "
+                f"large to compare); rescale the data"
+            )
     dtype = torch.float64 if torch.float64 in (x2.dtype, ts.dtype) else torch.float32
-    out_d = back(d2.to(device=x2.device, dtype=dtype), was_np)
-    out_i = back(idx.to(x2.device), was_np)
-    return (out_d, out_i, info) if return_info else (out_d, out_i)
+    return d2, idx, info, was_np, dtype, x2

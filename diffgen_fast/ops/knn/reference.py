@@ -15,7 +15,12 @@ import torch
 
 from diffgen_fast.ops._checks import gemm_error_bound
 from diffgen_fast.ops.merge import merge_topk, select_topk
-from diffgen_fast.ops.softmax_denoise.reference import _TILE_ELEMS, default_chunk_size, exact_sqdist_pairs
+from diffgen_fast.ops.softmax_denoise.reference import (
+    _TILE_ELEMS,
+    default_chunk_size,
+    exact_sqdist_pairs,
+    sqdist_diff64,
+)
 
 EXTRA = 16  # candidates beyond k taken in the first try; doubled while near-ties remain outside
 
@@ -43,6 +48,9 @@ def knn_torch(x: torch.Tensor, train, k: int, *, chunk_size: Optional[int] = Non
         for r0 in range(0, M, mb):
             r1 = min(M, r0 + mb)
             D = xx[r0:r1, None] - 2.0 * (xg[r0:r1] @ Yg.T).to(torch.float64) + yy[None, :]
+            nonfinite = ~torch.isfinite(D).all(dim=1)  # the GEMM overflowed: these rows by float64 differences
+            if bool(nonfinite.any()):
+                D[nonfinite] = sqdist_diff64(x64[r0:r1][nonfinite], Y)
             B = 2.0 * gamma * xnorm[r0:r1] * ymax + 2.0**-50 * (xx[r0:r1] + ymax * ymax)
             kc = min(n, kk + EXTRA)
             while True:

@@ -12,7 +12,7 @@ from diffgen_fast.ops import dispatch
 from diffgen_fast.ops._checks import check_precision, per_query
 from diffgen_fast.ops._prepare import back, prepare
 from diffgen_fast.ops.softmax_denoise.autograd import differentiable_call, needs_grad
-from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult
+from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult, softmax_denoise_diff64
 
 SigmaLike = Union[float, torch.Tensor, Any]
 
@@ -23,6 +23,62 @@ def _check_train_grad(train) -> None:
             "train: requires grad, but no gradient flows to the training set (the ops differentiate in x, sigma "
             "and alpha); pass train.detach()"
         )
+
+
+def _rows_text(rows: torch.Tensor) -> str:
+    r = rows.tolist()
+    return ", ".join(map(str, r[:8])) + (f", ... ({len(r)} rows)" if len(r) > 8 else "")
+
+
+def _guard(res: DenoiseResult, x2: torch.Tensor, ts, s: torch.Tensor, a: torch.Tensor, need_out: bool):
+    """Rows a backend could not compute (a broken softmax state: no finite logit, NaN) are recomputed with every
+    logit from float64 differences; rows whose float64 distances overflow too raise InputError."""
+
+    def broken(r: DenoiseResult) -> torch.Tensor:
+        ok = (r.top_weight > 0) & (r.top_weight <= 1) & ~torch.isnan(r.lse)
+        if need_out and r.denoised is not None:
+            ok &= torch.isfinite(r.denoised).all(dim=1)
+        return ~ok
+
+    bad = broken(res).nonzero().squeeze(1)
+    if bad.numel() == 0:
+        return res
+    fix = softmax_denoise_diff64(x2[bad], ts, s[bad], a[bad], need_out=need_out)
+    still = broken(fix)
+    if bool(still.any()):
+        raise InputError(
+            f"x: the squared distances of rows {_rows_text(bad[still])} to every training point overflow float64 "
+            f"(values too large); rescale the data"
+        )
+    out = None
+    if need_out:
+        out = res.denoised.clone()
+        out[bad] = fix.denoised.to(out.dtype)
+    parts = [t.clone() for t in (res.lse, res.top_weight, res.n_eff)]
+    for t, f in zip(parts, (fix.lse, fix.top_weight, fix.n_eff)):
+        t[bad] = f.to(t.dtype)
+    return DenoiseResult(out, *parts)
+
+
+def _check_f32(v: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """A float32 result never silently becomes +-inf: finite float64 values beyond float32's range raise."""
+    if dtype != torch.float32:
+        return
+    over = torch.isfinite(v) & (v.abs() > torch.finfo(torch.float32).max)
+    if bool(over.any()):
+        raise InputError(
+            f"x: the {what} of rows {_rows_text(over.nonzero().squeeze(1))} exceeds float32's range (float32 "
+            f"inputs give float32 results); pass float64 inputs (float32 values convert exactly)"
+        )
+
+
+def _guarded(impl):
+    """impl with _guard applied to its result (the same signature)."""
+
+    def run(x, ts, s, a, *, precision, need_out=True):
+        return _guard(impl(x, ts, s, a, precision=precision, need_out=need_out), x, ts, s, a, need_out)
+
+    return run
 
 
 def softmax_denoise(
@@ -67,12 +123,15 @@ def softmax_denoise(
     _, impl = dispatch.resolve(
         "softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype), d=x2.shape[1]
     )
+    impl = _guarded(impl)
     if needs_grad(x2, s, a):  # every backend: its forward, and the closed-form backward
         res: DenoiseResult = differentiable_call(impl, x2, ts, s, a, precision=precision)
     else:
-        res = impl(x2.detach(), ts, s, a, precision=precision)
+        res = impl(x2.detach(), ts, s.detach(), a.detach(), precision=precision)
     out = res.denoised.to(xt.dtype).reshape(xt.shape)
     lse_dtype = torch.float64 if res.denoised.dtype == torch.float64 else torch.float32
+    if return_stats or return_lse:
+        _check_f32(res.lse, lse_dtype, "log-sum-exp")
     if return_stats:
         return DenoiseResult(
             back(out, was_np),
@@ -104,10 +163,12 @@ def kde_log_density(x, train, bandwidth: SigmaLike, *, backend: str = "auto"):
     _, impl = dispatch.resolve(
         "softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, ts.dtype), d=x2.shape[1]
     )
+    impl = _guarded(impl)
     if needs_grad(x2, h):  # the gradient in x is the score (D - x) / h^2
         res: DenoiseResult = differentiable_call(impl, x2, ts, h, one, precision="exact", need_out=False)
     else:
-        res = impl(x2.detach(), ts, h, one, precision="exact", need_out=False)
+        res = impl(x2.detach(), ts, h.detach(), one, precision="exact", need_out=False)
     logp = res.lse - math.log(len(ts)) - 0.5 * d * torch.log(2.0 * math.pi * h * h)
     dtype = torch.float64 if torch.float64 in (x2.dtype, ts.dtype) else torch.float32
+    _check_f32(logp, dtype, "log-density")
     return back(logp.to(dtype), was_np)

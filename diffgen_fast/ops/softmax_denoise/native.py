@@ -28,7 +28,14 @@ from diffgen_fast import _native
 from diffgen_fast.errors import BackendUnavailableError
 from diffgen_fast.ops._profile import pass_range
 from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state, finalize_softmax_state
-from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult, exact_sqdist_pairs, softmax_denoise_torch
+from diffgen_fast.ops.softmax_denoise.reference import (
+    DenoiseResult,
+    _merge_rows,
+    diff64_state,
+    exact_sqdist_pairs,
+    overflow_rows,
+    softmax_denoise_torch,
+)
 
 DIRECT_MAX_D = 64  # largest d of the direct kernel (benchmarks/bench_cpu.py: the GEMM path wins above)
 TAIL_NATS = 30.0  # a point outside the exact window carries < e^-30 of the top weight
@@ -81,12 +88,37 @@ def softmax_denoise_cpu(
     if d <= DIRECT_MAX_D:
         exact = precision != "fast"
         chunk = chunk_size or max(1024, (1 << 22) // d)
+        xnorm = torch.linalg.vector_norm(xk, dim=1, dtype=torch.float64)
         for _, Y in train.iter_chunks(chunk, device="cpu", dtype=dtype):
+            # fp32 differences ("fast") can overflow; float64 ones only where float64 does (reported by the caller)
+            ymax = float(torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).max())
+            kdt = dtype if exact else torch.float32
+            risky = overflow_rows(xnorm, alpha, ymax, c, kdt, cancel=False) if not exact else None
             with pass_range("cpu.direct"):
-                _native.denoise_direct(xk, Y.T.contiguous(), c, alpha, exact, state)
+                _on_rows(state, risky, x, Y, alpha, c, lambda st, r, Y=Y: _native.denoise_direct(
+                    xk[r].contiguous(), Y.T.contiguous(), c[r].contiguous(), alpha[r].contiguous(), exact, st))
     else:
         _gemm_path(xk, train, sigma, alpha, c, precision != "fast", state, chunk_size)
     return _finish_result(state, need_out, dtype)
+
+
+def _on_rows(state: SoftmaxState, risky: Optional[torch.Tensor], x, Y, alpha, c, run) -> None:
+    """run(state, rows) on the rows that are not risky (all of them when risky is None or none is), the risky
+    ones by float64 differences (diff64_state); run updates the state it is given in place."""
+    if risky is None or not bool(risky.any()):
+        run(state, slice(None))
+        return
+    bad = risky.nonzero().squeeze(1)
+    _merge_rows(state, diff64_state(x[bad].to(torch.float64), Y, alpha[bad], c[bad], state.o is not None,
+                                    torch.float64), bad)  # fmt: skip
+    good = (~risky).nonzero().squeeze(1)
+    if good.numel() == 0:
+        return
+    sub = SoftmaxState(*(None if t is None else t[good].contiguous() for t in state))
+    run(sub, good)
+    state.m[good], state.l[good], state.q[good] = sub.m, sub.l, sub.q
+    if state.o is not None:
+        state.o[good] = sub.o
 
 
 def _finish_result(state: SoftmaxState, need_out: bool, dtype: torch.dtype) -> DenoiseResult:
@@ -104,25 +136,32 @@ def _gemm_path(x, train, sigma, alpha, c, exact, state: SoftmaxState, chunk_size
     chunk = chunk_size or max(256, min(_BUF_ELEMS // max(M, 1), (1 << 28) // (4 * d)))
     for _, Y in train.iter_chunks(chunk, device="cpu", dtype=torch.float32):
         yy64 = torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
-        with pass_range("cpu.pass1_scores"):
-            T = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T)  # (2/a) x.y - ||y||^2
-        shift = torch.zeros(M, dtype=torch.float64)
-        if exact:
-            with pass_range("cpu.exact_rerank"):
-                T, shift = _exact_scores(T, x64, Y, alpha, xx, xnorm, sigma, yy64, d)
-        off = (alpha * alpha * shift - xx) * c
-        with pass_range("cpu.epilogue"):
-            mask = _native.denoise_epilogue(T, a2c, off, state, flags=state.o is not None)
-        if state.o is None:
-            continue
-        cols = mask.nonzero().squeeze(1)
-        if cols.numel() == 0:
-            continue
-        with pass_range("cpu.pass2_output"):
-            if cols.numel() < SPARSE_FRACTION * Y.shape[0]:
-                state.o.add_((T[:, cols] @ Y[cols]).to(torch.float64))
-            else:
-                state.o.add_((T @ Y).to(torch.float64))
+        risky = overflow_rows(xnorm, alpha, float(yy64.max().sqrt()), c, torch.float32)
+        _on_rows(state, risky, x, Y, alpha, c, lambda st, r, Y=Y, yy64=yy64: _gemm_chunk(
+            Y, yy64, x64[r], xx[r], xnorm[r], xs[r], alpha[r], sigma[r], c[r], a2c[r], exact, st, d))  # fmt: skip
+
+
+def _gemm_chunk(Y, yy64, x64, xx, xnorm, xs, alpha, sigma, c, a2c, exact, state: SoftmaxState, d) -> None:
+    M = x64.shape[0]
+    with pass_range("cpu.pass1_scores"):
+        T = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T)  # (2/a) x.y - ||y||^2
+    shift = torch.zeros(M, dtype=torch.float64)
+    if exact:
+        with pass_range("cpu.exact_rerank"):
+            T, shift = _exact_scores(T, x64, Y, alpha, xx, xnorm, sigma, yy64, d)
+    off = (alpha * alpha * shift - xx) * c
+    with pass_range("cpu.epilogue"):
+        mask = _native.denoise_epilogue(T, a2c, off, state, flags=state.o is not None)
+    if state.o is None:
+        return
+    cols = mask.nonzero().squeeze(1)
+    if cols.numel() == 0:
+        return
+    with pass_range("cpu.pass2_output"):
+        if cols.numel() < SPARSE_FRACTION * Y.shape[0]:
+            state.o.add_((T[:, cols] @ Y[cols]).to(torch.float64))
+        else:
+            state.o.add_((T @ Y).to(torch.float64))
 
 
 def _exact_scores(T, x64, Y, alpha, xx, xnorm, sigma, yy64, d):

@@ -62,6 +62,74 @@ def exact_sqdist_pairs(
     return out
 
 
+def sqdist_diff64(x64: torch.Tensor, y: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """||x_r - a_r y_j||^2 [m, n] in float64 for every pair, computed as differences (no norm expansion, so no
+    overflow below float64's range and no cancellation), in blocks of at most 2^22 elements."""
+    m, d = x64.shape
+    n = y.shape[0]
+    out = torch.empty(m, n, dtype=torch.float64, device=x64.device)
+    cols = max(1, min(n, (1 << 22) // max(1, d)))
+    rows = max(1, (1 << 22) // max(1, cols * d))
+    for c0 in range(0, n, cols):
+        yb = y[c0 : c0 + cols].to(torch.float64)
+        for r0 in range(0, m, rows):
+            xb = x64[r0 : r0 + rows, None, :]
+            yr = yb[None] if alpha is None else yb[None] * alpha[r0 : r0 + rows, None, None]
+            diff = xb - yr
+            out[r0 : r0 + rows, c0 : c0 + cols] = (diff * diff).sum(-1)
+    return out
+
+
+def diff64_state(
+    x64: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    inv2s2: torch.Tensor,
+    need_out: bool,
+    o_dtype: torch.dtype,
+) -> SoftmaxState:
+    """Softmax state of rows x64 [m, d] against the chunk y [n, d] with every logit -||x - a y||^2 / (2 s^2) from
+    float64 differences: for rows whose GEMM-dtype scores would overflow or cancel (docs/precision.md, "Overflow").
+    Rows whose float64 distances all overflow get the empty state (the caller reports them)."""
+    d2 = sqdist_diff64(x64, y, a)
+    d2min = d2.min(dim=1).values
+    empty = ~torch.isfinite(d2min)
+    c = inv2s2.clamp(max=torch.finfo(torch.float64).max)
+    # shifted by the smallest distance, so that the nearest point keeps weight 1 even when sigma is tiny
+    base = torch.where(empty, torch.zeros_like(d2min), d2min)
+    p = torch.exp(-(d2 - base[:, None]) * c[:, None])
+    p = torch.where(empty[:, None], torch.zeros_like(p), p)
+    m = torch.where(empty, torch.full_like(d2min, float("-inf")), -base * c)
+    o = (p.to(o_dtype) @ y.to(o_dtype)) if need_out else None
+    return SoftmaxState(m, p.sum(dim=1), (p * p).sum(dim=1), o)
+
+
+def overflow_rows(
+    xnorm: torch.Tensor, a: torch.Tensor, ymax: float, inv2s2: torch.Tensor, gemm: torch.dtype, cancel: bool = True
+) -> torch.Tensor:
+    """[m] bool: rows whose scores in the GEMM dtype may overflow ((||x|| + a max||y||)^2 above 1/16 of its largest
+    value), or whose float64 norm-expansion scores lose more than 2^-12 nats to cancellation (points far from the
+    origin compared to their spread at small sigma). These rows take the float64-differences path."""
+    big = (xnorm + a * ymax).square()
+    limit = 0.0625 * torch.finfo(gemm).max
+    bad = ~(big < limit)
+    return bad | ~(2.0**-52 * big * inv2s2 <= 2.0**-12) if cancel else bad
+
+
+def softmax_denoise_diff64(
+    x: torch.Tensor, train, sigma: torch.Tensor, alpha: torch.Tensor, *, need_out: bool = True
+) -> DenoiseResult:
+    """Every logit from float64 differences, streamed over the training set: the fallback for rows a backend
+    could not compute (overflow). Rows whose float64 distances all overflow come back with top_weight inf."""
+    M, d = x.shape
+    x64 = x.to(torch.float64)
+    inv2s2 = 0.5 / (sigma * sigma)
+    state = empty_softmax_state(M, d if need_out else None, dtype=torch.float64, device=x.device)
+    for _, Y in train.iter_chunks(max(1, (1 << 22) // max(1, d * max(M, 1))), device=x.device):
+        _merge_rows(state, diff64_state(x64, Y, alpha, inv2s2, need_out, torch.float64), slice(0, M))
+    return DenoiseResult(*finalize_softmax_state(state))
+
+
 def _tile_state(
     T: torch.Tensor,
     a: torch.Tensor,
@@ -128,50 +196,59 @@ def softmax_denoise_torch(
         Y_fast = Y64 = neg_yy_fast = None
         for r0 in range(0, M, mb):
             r1 = min(M, r0 + mb)
-            a = alpha[r0:r1]
-            err_fast = 2.0 * a * gamma_fast * xnorm[r0:r1] * ymax + 4.0 * torch.finfo(acc).eps * (a * a * ymax * ymax)
+            rows: slice | torch.Tensor = slice(r0, r1)
+            risky = overflow_rows(xnorm[rows], alpha[rows], ymax, inv2s2[rows], acc)
+            if bool(risky.any()):
+                rr = torch.arange(r0, r1, device=dev)
+                bad = rr[risky]
+                _merge_rows(state, diff64_state(x64[bad], Y, alpha[bad], inv2s2[bad], need_out, o_dtype), bad)
+                if bool(risky.all()):
+                    continue
+                rows = rr[~risky]
+            a = alpha[rows]
+            err_fast = 2.0 * a * gamma_fast * xnorm[rows] * ymax + 4.0 * torch.finfo(acc).eps * (a * a * ymax * ymax)
             use_fast = precision == "fast" or (
-                precision == "auto" and bool(((err_fast * inv2s2[r0:r1]) <= AUTO_TOL).all())
+                precision == "auto" and bool(((err_fast * inv2s2[rows]) <= AUTO_TOL).all())
             )
             if use_fast:
                 if Y_fast is None:
                     Y_fast, neg_yy_fast = Y.to(acc), (-yy).to(acc)
-                T = torch.addmm(neg_yy_fast[None, :], x_fast[r0:r1], Y_fast.T)
+                T = torch.addmm(neg_yy_fast[None, :], x_fast[rows], Y_fast.T)
                 Y_out = Y_fast if o_dtype == acc else None
             else:
                 if acc != torch.float64:
                     if Y_fast is None:
                         Y_fast, neg_yy_fast = Y.to(acc), (-yy).to(acc)
                     tile = _sparse_exact_tile(
-                        x_fast[r0:r1],
-                        x64[r0:r1],
+                        x_fast[rows],
+                        x64[rows],
                         Y,
                         Y_fast,
                         neg_yy_fast,
                         a,
-                        xx[r0:r1],
-                        sigma[r0:r1],
-                        inv2s2[r0:r1],
+                        xx[rows],
+                        sigma[rows],
+                        inv2s2[rows],
                         err_fast,
                         need_out,
                         o_dtype,
                     )
                     if tile is not None:
-                        _merge_rows(state, tile, r0, r1)
+                        _merge_rows(state, tile, rows)
                         continue
                 if Y64 is None:
                     Y64 = Y.to(torch.float64)
-                T = torch.addmm(-yy[None, :], x_scaled[r0:r1], Y64.T)
-                err = 2.0 * a * gamma64 * xnorm[r0:r1] * ymax + 2.0**-50 * (
-                    2 * a * xnorm[r0:r1] * ymax + a * a * ymax * ymax
+                T = torch.addmm(-yy[None, :], x_scaled[rows], Y64.T)
+                err = 2.0 * a * gamma64 * xnorm[rows] * ymax + 2.0**-50 * (
+                    2 * a * xnorm[rows] * ymax + a * a * ymax * ymax
                 )
-                if bool(((err * inv2s2[r0:r1]) > 2.0**-40).any()):
-                    _refine(T, x64[r0:r1], Y, a, xx[r0:r1], sigma[r0:r1], err)
+                if bool(((err * inv2s2[rows]) > 2.0**-40).any()):
+                    _refine(T, x64[rows], Y, a, xx[rows], sigma[rows], err)
                 Y_out = Y64
             if need_out and Y_out is None:
                 Y_out = Y.to(o_dtype)
-            tile = _tile_state(T, a, xx[r0:r1], inv2s2[r0:r1], Y_out if need_out else None, o_dtype)
-            _merge_rows(state, tile, r0, r1)
+            tile = _tile_state(T, a, xx[rows], inv2s2[rows], Y_out if need_out else None, o_dtype)
+            _merge_rows(state, tile, rows)
 
     out, lse, top_w, n_eff = finalize_softmax_state(state)
     if out is not None:
@@ -179,13 +256,13 @@ def softmax_denoise_torch(
     return DenoiseResult(out, lse, top_w, n_eff)
 
 
-def _merge_rows(state: SoftmaxState, tile: SoftmaxState, r0: int, r1: int) -> None:
-    """Merge a tile's state into rows r0:r1 of the running state, in place."""
-    part = SoftmaxState(state.m[r0:r1], state.l[r0:r1], state.q[r0:r1], None if state.o is None else state.o[r0:r1])
+def _merge_rows(state: SoftmaxState, tile: SoftmaxState, rows) -> None:
+    """Merge a tile's state into the given rows (a slice or an index tensor) of the running state, in place."""
+    part = SoftmaxState(state.m[rows], state.l[rows], state.q[rows], None if state.o is None else state.o[rows])
     merged = merge_softmax_states(part, tile)
-    state.m[r0:r1], state.l[r0:r1], state.q[r0:r1] = merged.m, merged.l, merged.q
+    state.m[rows], state.l[rows], state.q[rows] = merged.m, merged.l, merged.q
     if state.o is not None:
-        state.o[r0:r1] = merged.o
+        state.o[rows] = merged.o.to(state.o.dtype)
 
 
 def _sparse_exact_tile(
