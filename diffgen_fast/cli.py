@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -462,15 +463,60 @@ KNN_BACKENDS = ("auto", "torch", "cpu", "cuda", "faiss")
 _INDEX_HELP = "flat (exact) | ivf | ivfpq | hnsw | a faiss factory string | a saved .faiss file"
 
 
-def _open_set(path: str, name: str, cache_dir: Path | None = None):
-    """Open a TrainingSet; image folders and EDM zips are streamed into a memory-mapped .npy under cache_dir."""
+def _open_set(path: str, name: str, cache_dir: Path | None = None, scale: str = "[-1,1]"):
+    """Open a TrainingSet; image folders and EDM zips are streamed into a memory-mapped .npy under cache_dir; uint8
+    pixels (images, uint8 .npy / .npz such as guided-diffusion's arr_0) are scaled to `scale`."""
     from diffgen_fast.data import TrainingSet, _as_path, _require_exists, _sniff
 
     p = _as_path(path, name)
     _require_exists(p, name)
     if cache_dir is not None and _sniff(p, name) in ("images", "zip"):
-        return TrainingSet.open(p, name=name, cache=cache_dir)
-    return TrainingSet.open(p, name=name)
+        return TrainingSet.open(p, name=name, cache=cache_dir, scale=scale)
+    return TrainingSet.open(p, name=name, scale=scale)
+
+
+def _nonempty_path(ctx, param, value):
+    if value is None:
+        return None
+    if str(value).strip() == "":
+        raise click.BadParameter("expected a folder path, got an empty string", ctx=ctx, param=param)
+    return Path(value)
+
+
+def _positive_finite(ctx, param, value):
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"expected a finite number > 0, got {value}", ctx=ctx, param=param)
+    return value
+
+
+def _checked_inputs(train, samples_path, heldout_path, cache, precomputed: bool, allow_range_mismatch: bool):
+    """Open the samples (and held-out set) on the training set's scale, align their layout to the training items
+    and apply the value-range rule, printing every conversion; all before anything is written."""
+    from diffgen_fast.layout import align_layout, check_range, scale_for, training_range
+
+    scale = scale_for(training_range(train))
+    for c in train.conversions:
+        click.echo(f"train: {c}")
+    out = []
+    for path, name in ((samples_path, "samples"), (heldout_path, "heldout")):
+        if not path:
+            out.append(None)
+            continue
+        s = align_layout(_open_set(path, name, cache, scale), train, name, strict=not precomputed)
+        if not precomputed:
+            facts = check_range(
+                s,
+                train,
+                name,
+                on_mismatch="ignore" if allow_range_mismatch else "error",
+                hint=", or pass --allow-range-mismatch to score anyway",
+            )
+            if facts["mismatch"]:
+                click.echo(f"warning: {' '.join(facts['message'].split())}", err=True)
+        for c in s.conversions:
+            click.echo(f"{name}: {c}")
+        out.append(s)
+    return out
 
 
 @main.command(short_help="Memorization tests of generated samples against a training set; writes a report.")
@@ -493,8 +539,9 @@ def _open_set(path: str, name: str, cache_dir: Path | None = None):
     "--out",
     "out_dir",
     metavar="DIR",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
     required=True,
+    callback=_nonempty_path,
     help="Output folder",
 )
 @click.option(
@@ -503,7 +550,8 @@ def _open_set(path: str, name: str, cache_dir: Path | None = None):
     type=click.FloatRange(min=0, min_open=True),
     default=1 / 3,
     show_default="1/3",
-    help="Memorized when ||x-NN1|| / ||x-NN2|| is below this",
+    callback=_positive_finite,
+    help="Memorized when ||x-NN1|| / ||x-NN2|| is below this (finite, > 0)",
 )
 @click.option(
     "--k",
@@ -560,6 +608,13 @@ def _open_set(path: str, name: str, cache_dir: Path | None = None):
 @click.option(
     "--seed", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the k-means cells"
 )
+@click.option(
+    "--allow-range-mismatch",
+    is_flag=True,
+    default=False,
+    help="Score even when the samples' (or held-out) values are far from the training set's value range (e.g. "
+    "[0, 1] or [0, 255] samples against a [-1, 1] training set): a warning instead of an error",
+)
 @click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bars")
 def score(
     train_path,
@@ -580,6 +635,7 @@ def score(
     no_resume,
     no_authenticity,
     seed,
+    allow_range_mismatch,
     no_progress,
 ) -> None:
     """Did the model copy its training data? Nearest-neighbour ratio test, authenticity and (with --heldout) the
@@ -588,7 +644,18 @@ def score(
     Writes report.md, summary.json, per_sample.csv, per_sample.npz and figures (nn_grid.png: samples beside their
     nearest training images, most memorized first; ratio_hist.png; nn_dist_hist.png; train_vs_heldout.png) into
     DIR. Each pass checkpoints after every chunk into DIR/.checkpoints: run the same command again after an
-    interruption and it resumes where it stopped.
+    interruption and it resumes where it stopped. per_sample.csv names each sample and its nearest training item
+    (sample_name, nn_name: file name in a folder or zip, FILE:KEY[ROW] or FILE[ROW] for arrays).
+
+    \b
+    Inputs are checked before anything is written:
+    - item layout: samples / held-out sets must have the training items' shape (or be flat); a set in the
+      channels-last layout [H, W, C] of [C, H, W] training items (or the reverse) is permuted, and said so;
+    - uint8 pixels (PNG folders, EDM zips, guided-diffusion / ADM .npz arr_0 and .npy [N, H, W, C]) are
+      scaled to the training set's convention ([-1, 1], [0, 1] or [0, 255], the closest to its value range);
+    - value range: an error when the samples' values reach outside the training range by more than half its
+      width, or all lie in one half of it (e.g. [0, 1] or [0, 255] against [-1, 1]); --allow-range-mismatch
+      scores anyway with a warning.
 
     \b
     Examples:
@@ -601,6 +668,7 @@ def score(
         --metric cosine --out score_out
     """
     from diffgen_fast._outdir import OutputFolder
+    from diffgen_fast.layout import RangeMismatchWarning
     from diffgen_fast.metrics.scoring import score as run_score
     from diffgen_fast.report import write_score_outputs
 
@@ -610,29 +678,33 @@ def score(
     click.get_current_context().call_on_close(lambda: folder.__exit__(None, None, None))
     cache = cache_dir if cache_dir is not None else Path(out_dir) / ".cache"
     train = _open_set(train_path, "train", cache)
-    samples = _open_set(samples_path, "samples", cache)
-    heldout = _open_set(heldout_path, "heldout", cache) if heldout_path else None
-    ck = Path(out_dir) / ".checkpoints"
-    result = run_score(
-        samples,
-        train,
-        heldout=heldout,
-        threshold=threshold,
-        k=k,
-        backend=backend,
-        index=index,
-        train_features=train_features,
-        sample_features=sample_features,
-        heldout_features=heldout_features,
-        metric=metric,
-        chunk_size=chunk_size,
-        checkpoint_dir=ck,
-        resume=not no_resume,
-        progress=not no_progress,
-        n_cells=cells,
-        check_authenticity=not no_authenticity,
-        seed=seed,
+    samples, heldout = _checked_inputs(
+        train, samples_path, heldout_path, cache, bool(sample_features), allow_range_mismatch
     )
+    ck = Path(out_dir) / ".checkpoints"
+    with warnings.catch_warnings():  # a range mismatch was refused or reported above; score() records the ranges
+        warnings.simplefilter("ignore", RangeMismatchWarning)
+        result = run_score(
+            samples,
+            train,
+            heldout=heldout,
+            threshold=threshold,
+            k=k,
+            backend=backend,
+            index=index,
+            train_features=train_features,
+            sample_features=sample_features,
+            heldout_features=heldout_features,
+            metric=metric,
+            chunk_size=chunk_size,
+            checkpoint_dir=ck,
+            resume=not no_resume,
+            progress=not no_progress,
+            n_cells=cells,
+            check_authenticity=not no_authenticity,
+            seed=seed,
+            on_range_mismatch="warn",
+        )
     # The files are written to a staging folder and published as one set (manifest.json names the run).
     files = write_score_outputs(result, folder.stage(), samples, train)
     folder.publish(files, info={"command": "diffgen-fast score"})

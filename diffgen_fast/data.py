@@ -64,8 +64,9 @@ _NP_FLOAT_TO_TORCH = {
 _SCALE_RANGE = {"[-1,1]": (-1.0, 1.0), "[0,1]": (0.0, 1.0), "[0,255]": (0.0, 255.0)}
 _INT_HINT = (
     "; integer data is not converted silently: scale it to floats first (e.g. x / 127.5 - 1 for uint8 images in "
-    "[-1, 1]) or use an image loader with scale="
+    "[-1, 1]), or load uint8 pixels from a file (.npy, .npz, images) with scale="
 )
+_SCALE_RULE = {"[-1,1]": "x / 127.5 - 1", "[0,1]": "x / 255", "[0,255]": "x (as float)"}
 _UNCHECKED = object()
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = ("test_batch",)
@@ -413,6 +414,37 @@ def _scale_images(u8: np.ndarray, scale: str) -> torch.Tensor:
     return x
 
 
+def _scale_uint8(u8: np.ndarray, scale: str) -> torch.Tensor:
+    """uint8 ``[N, ...]`` (array or memmap) scaled to float32 like images, a bounded block of rows at a time."""
+    out = torch.empty(u8.shape, dtype=torch.float32)
+    step = max(1, DEFAULT_CHUNK_BYTES // (4 * max(1, math.prod(u8.shape[1:]))))
+    for s in range(0, u8.shape[0], step):
+        out[s : s + step] = _scale_images(np.array(u8[s : s + step]), scale)
+    return out
+
+
+def _scale_note(scale: str, what: str = "uint8") -> str:
+    return f"dtype: {what} scaled {_SCALE_RULE[scale]} to {scale}"
+
+
+class _ItemNames:
+    """Source names of the rows of a set: file names (image folders, zips) or ``"prefix[row]"`` of the original
+    rows (arrays). ``rows`` maps the set's rows to the source's rows after a subset (None: the identity)."""
+
+    def __init__(self, prefix: str, files: list[str] | None = None, rows: np.ndarray | None = None) -> None:
+        self.prefix, self.files, self.rows = prefix, files, rows
+
+    def get(self, index: np.ndarray) -> list[str]:
+        src = index if self.rows is None else self.rows[index]
+        if self.files is not None:
+            return [self.files[int(j)] for j in src]
+        return [f"{self.prefix}[{int(j)}]" for j in src]
+
+    def select(self, index: np.ndarray) -> _ItemNames:
+        rows = index if self.rows is None else self.rows[index]
+        return _ItemNames(self.prefix, self.files, np.asarray(rows, dtype=np.int64))
+
+
 def _latin1_encode(obj: Any, encoding: str = "latin1") -> bytes:
     # The only use of _codecs.encode in a protocol-2 numpy pickle: py3 bytes stored as latin-1 text.
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
@@ -660,6 +692,8 @@ class TrainingSet:
         self._sqnorms: torch.Tensor | None = None
         self._fingerprint: str | None = None
         self._mean: torch.Tensor | None = None
+        self._names: _ItemNames | None = None
+        self._conversions: list[str] = []
         if in_memory and check:
             self.check_finite()
 
@@ -686,6 +720,7 @@ class TrainingSet:
             device=self._device if device is None else device,
             check=check,
         )
+        new._names, new._conversions = self._names, list(self._conversions)
         return new
 
     def _chunk_rows(self, chunk_size: Any, dtype: torch.dtype) -> int:
@@ -749,6 +784,34 @@ class TrainingSet:
     def is_in_memory(self) -> bool:
         """False while the points are a memory map of a file (pages loaded lazily)."""
         return self._in_memory
+
+    @property
+    def conversions(self) -> list[str]:
+        """What was done to the stored data when it was loaded or aligned, e.g. ``"dtype: uint8 scaled x / 127.5 - 1
+        to [-1,1]"`` or a layout permutation (empty when served as stored)."""
+        return list(self._conversions)
+
+    def _item_names(self) -> _ItemNames:
+        return self._names if self._names is not None else _ItemNames(self._name)
+
+    def names(self, index: Any = None) -> list[str]:
+        """Source names of rows: the file name within an image folder or EDM zip (``"00000/img00000017.png"``),
+        else ``"source[row]"`` of arrays (``"train.npy[1234]"``, ``"samples.npz:arr_0[17]"``, ``"train[5]"`` for a
+        tensor named train). Rows of a subset keep the names of the rows they were taken from.
+
+        Args:
+            index: None (all rows), an int, a slice, or integer row indices (tensor, array or list).
+
+        Returns:
+            list of str, one per selected row.
+        """
+        if index is None:
+            rows = np.arange(self._n)
+        elif isinstance(index, slice):
+            rows = np.arange(self._n)[index]
+        else:
+            rows = _index_tensor(index, self._n).numpy()
+        return self._item_names().get(rows)
 
     def __repr__(self) -> str:
         labels = "None" if self._labels is None else f"[{self._n}] ({self.num_classes} classes)"
@@ -860,6 +923,7 @@ class TrainingSet:
                     raise InputError(f"index: {index!r} selects no rows of {self._n}; expected a non-empty subset")
                 labels = None if self._labels is None else self._labels[start:stop:step]
                 new = self._derive(store, in_memory=self._in_memory, labels=labels, check=False)
+                new._names = self._item_names().select(np.arange(start, stop, step)[: store.shape[0]])
                 if self._bad_row is None:
                     new._bad_row = None
                 return new
@@ -869,6 +933,7 @@ class TrainingSet:
         labels = None if self._labels is None else self._labels[idx.to(self._labels.device)]
         known_finite = self._bad_row is None
         new = self._derive(store, in_memory=True, labels=labels, check=not known_finite)
+        new._names = self._item_names().select(idx.numpy())
         if known_finite:
             new._bad_row = None
         return new
@@ -1069,13 +1134,18 @@ class TrainingSet:
         )
 
     @classmethod
-    def from_npy(cls, path: PathLike, mmap: bool = True, *, name: str = "train") -> TrainingSet:
-        """Load an ``.npy`` file of shape ``[N, d]`` or ``[N, *shape]`` (float16, float32 or float64).
+    def from_npy(
+        cls, path: PathLike, mmap: bool = True, *, scale: str | None = None, name: str = "train"
+    ) -> TrainingSet:
+        """Load an ``.npy`` file of shape ``[N, d]`` or ``[N, *shape]`` (float16, float32 or float64, or uint8 pixels).
 
         Args:
             path: the file.
             mmap: memory-map it copy-on-write (nothing is read until rows are used); False reads it into memory.
                 Fortran-ordered or big-endian files are always read into memory.
+            scale: how uint8 pixels (e.g. guided-diffusion's ``[N, H, W, C]`` sample arrays) become floats, as the
+                image loaders: ``"[-1,1]"`` (default), ``"[0,1]"`` or ``"[0,255]"``; read into memory as float32,
+                recorded in :attr:`conversions`. Float data is served as stored (scale is not applied).
             name: argument name used in error messages.
 
         Returns:
@@ -1084,10 +1154,13 @@ class TrainingSet:
         p = _existing_file(path, name)
         if not isinstance(mmap, bool):
             raise InputTypeError(f"mmap: expected a bool, got {type(mmap).__name__}")
+        if scale is not None:
+            _check_scale(scale)
         header = _read_npy_header(p, name)
         if header is not None:
             shape, dtype, offset = header
-            _torch_float_of_numpy(dtype, name, f"'{p}'")
+            if dtype != np.uint8:
+                _torch_float_of_numpy(dtype, name, f"'{p}'")
             if len(shape) < 2:
                 raise InputError(f"{name}: expected [N, d] or [N, *shape] in '{p}', got shape {list(shape)}")
             if shape[0] == 0:
@@ -1105,27 +1178,46 @@ class TrainingSet:
             raise DataFormatError(f"{name}: cannot read '{p}' as .npy ({type(e).__name__}: {e})") from e
         if not isinstance(arr, np.ndarray):
             raise DataFormatError(f"{name}: '{p}' is not an .npy array file (got {type(arr).__name__})")
+        if arr.dtype == np.uint8 and arr.ndim >= 2 and arr.shape[0] > 0:
+            return cls._from_uint8(arr, scale, None, name, f"npy:{p}", p.name)
         if isinstance(arr, np.memmap) and not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
         out = cls(arr, name=name, source=f"npy:{p}")
+        out._names = _ItemNames(p.name)
         if not out._in_memory:
             out._source = f"npy:{p} (memmap)"
         return out
 
     @classmethod
-    def from_npz(cls, path: PathLike, key: str | None = None, *, name: str = "train") -> TrainingSet:
+    def _from_uint8(cls, u8: np.ndarray, scale: str | None, labels: Any, name: str, source: str, prefix: str):
+        scale = "[-1,1]" if scale is None else scale
+        x = _scale_uint8(u8, scale)
+        out = cls(x, labels, value_range=_SCALE_RANGE[scale], source=f"{source} (uint8 scaled to {scale})", name=name)
+        out._names = _ItemNames(prefix)
+        out._conversions = [_scale_note(scale)]
+        return out
+
+    @classmethod
+    def from_npz(
+        cls, path: PathLike, key: str | None = None, *, scale: str | None = None, name: str = "train"
+    ) -> TrainingSet:
         """Load the points (and labels) from an ``.npz`` archive.
 
         Args:
             path: the file.
             key: array holding the points ``[N, d]`` / ``[N, *shape]``; None takes the only non-label array, else the
                 first of ``"x"``, ``"data"``, ``"arr_0"``, ``"images"``. Labels come from ``"labels"`` or ``"y"``.
+            scale: how uint8 pixels (guided-diffusion / ADM sample archives: ``arr_0`` uint8 ``[N, H, W, C]``)
+                become floats, as the image loaders: ``"[-1,1]"`` (default), ``"[0,1]"`` or ``"[0,255]"``; recorded
+                in :attr:`conversions`. Float data is served as stored (scale is not applied).
             name: argument name used in error messages.
 
         Returns:
             in-memory TrainingSet.
         """
         p = _existing_file(path, name)
+        if scale is not None:
+            _check_scale(scale)
         label_keys = ("labels", "y")
         try:
             with np.load(p, allow_pickle=False) as z:
@@ -1153,7 +1245,11 @@ class TrainingSet:
             raise
         except Exception as e:
             raise DataFormatError(f"{name}: cannot read '{p}' as .npz ({type(e).__name__}: {e})") from e
-        return cls(x, labels, name=name, source=f"npz:{p}[{key}]")
+        if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim >= 2 and x.shape[0] > 0:
+            return cls._from_uint8(x, scale, labels, name, f"npz:{p}[{key}]", f"{p.name}:{key}")
+        out = cls(x, labels, name=name, source=f"npz:{p}[{key}]")
+        out._names = _ItemNames(f"{p.name}:{key}")
+        return out
 
     @classmethod
     def from_image_folder(
@@ -1199,9 +1295,13 @@ class TrainingSet:
             stamp = {"source": str(root.resolve()), "scale": scale, "files": digest}
             return cls._from_image_cache(entries, f"'{root}'", name, scale, cache, stamp, labels, f"images:{root}")
         u8 = _stack_images(entries, f"'{root}'", name)
-        return cls(
-            _scale_images(u8, scale), labels, value_range=_SCALE_RANGE[scale], source=f"images:{root}", name=name
-        )
+        out = cls(_scale_images(u8, scale), labels, value_range=_SCALE_RANGE[scale], source=f"images:{root}", name=name)
+        return out._image_names([rel for rel, _ in entries], scale)
+
+    def _image_names(self, files: list[str], scale: str) -> TrainingSet:
+        self._names = _ItemNames("", files=files)
+        self._conversions = [_scale_note(scale, "8-bit images")]
+        return self
 
     @classmethod
     def _from_image_cache(cls, entries, where, name, scale, cache, stamp, labels, source) -> TrainingSet:
@@ -1214,7 +1314,7 @@ class TrainingSet:
         out._labels = _check_labels(labels, out._n, out._device)
         out._value_range = _SCALE_RANGE[scale]
         out._source = f"{source} (cached as {dst}, memmap)"
-        return out
+        return out._image_names([rel for rel, _ in entries], scale)
 
     @classmethod
     def from_edm_zip(
@@ -1267,7 +1367,8 @@ class TrainingSet:
                     repr((members, st.st_size, st.st_mtime_ns)).encode()).hexdigest()}  # fmt: skip
                 return cls._from_image_cache(entries, where, name, scale, cache, stamp, labels, f"edm-zip:{p}")
             u8 = _stack_images(entries, where, name)
-        return cls(_scale_images(u8, scale), labels, value_range=_SCALE_RANGE[scale], source=f"edm-zip:{p}", name=name)
+        out = cls(_scale_images(u8, scale), labels, value_range=_SCALE_RANGE[scale], source=f"edm-zip:{p}", name=name)
+        return out._image_names(members, scale)
 
     @classmethod
     def from_cifar10(
@@ -1407,8 +1508,8 @@ class TrainingSet:
         _require_exists(p, name)
         kind = _sniff(p, name)
         loader, options = {
-            "npy": (cls.from_npy, {"mmap"}),
-            "npz": (cls.from_npz, {"key"}),
+            "npy": (cls.from_npy, {"mmap", "scale"}),
+            "npz": (cls.from_npz, {"key", "scale"}),
             "zip": (cls.from_edm_zip, {"scale", "cache"}),
             "cifar": (cls.from_cifar10, {"split", "scale"}),
             "images": (cls.from_image_folder, {"scale", "cache"}),

@@ -187,6 +187,7 @@ def nn_grid_figure(
     max_items: int = 64,
     threshold: float | None = 1 / 3,
     suptitle: str | None = None,
+    n_total: int | None = None,
 ) -> Path:
     """Draw each sample beside its nearest training image, most memorized (smallest ratio) first, and save a PNG.
 
@@ -201,6 +202,8 @@ def nn_grid_figure(
         max_items: at most this many pairs are drawn (the most memorized ones). Default 64.
         threshold: ratios below it are printed in red as memorized; None to disable. Default 1/3.
         suptitle: optional first line of the figure title.
+        n_total: how many samples there were when the caller passes only the most memorized ones (the title then
+            says "most memorized n of n_total shown").
 
     Flat vectors (or images with a channel count other than 1 or 3) are drawn as line plots, sample solid and
     neighbour dashed, since they have no image layout. Returns ``Path(path)``.
@@ -219,6 +222,8 @@ def nn_grid_figure(
 
     if x.ndim == 3:
         x, y = x[:, None], y[:, None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # channels-last images
+        x, y = x.transpose(0, 3, 1, 2), y.transpose(0, 3, 1, 2)
     as_image = x.ndim == 4 and x.shape[1] in (1, 3)
     if not as_image:
         x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
@@ -235,7 +240,8 @@ def nn_grid_figure(
         panel_h_in = pair_w_in * h / (2 * w + gap)
     else:
         pair_w_in, panel_h_in = 2.4, 1.2
-    text_h_in = 0.42 if titles is not None else 0.28
+    title_lines = max((str(t).count("\n") + 1 for t in titles), default=1) if titles is not None else 0
+    text_h_in = 0.28 + 0.14 * title_lines
     head_in = 0.75
     fig = _new_figure(ncols * pair_w_in, nrows * (panel_h_in + text_h_in) + head_in)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
@@ -246,7 +252,7 @@ def nn_grid_figure(
         bottom=0.3 / fig_h,
         top=1 - head_in / fig_h,
         wspace=0.08 if as_image else 0.25,
-        hspace=0.45 if titles is None else 0.6,
+        hspace=0.45 if titles is None else 0.45 + 0.15 * title_lines,
     )
 
     for k, ax in enumerate(axes):
@@ -289,12 +295,11 @@ def nn_grid_figure(
     else:
         what = "solid: generated sample, dashed: nearest training point (flat vectors, no image layout)"
     lines = [suptitle] if suptitle else []
-    lines.append(f"{what}; most memorized first")
+    total = max(len(r), n_total or 0)
+    lines.append(f"{what}; most memorized {n} of {total} shown" if total > n else f"{what}; most memorized first")
     rule = "number: ||x - NN1|| / ||x - NN2||"
     if threshold is not None:
         rule += f", red when < {_format_threshold(threshold)} (memorized)"
-    if len(r) > n:
-        rule += f"; showing {n} of {len(r)}"
     lines.append(rule)
     fig.suptitle("\n".join(lines), fontsize=9, y=1 - 0.08 / fig.get_figheight(), va="top")
     if n == 0:
@@ -695,21 +700,34 @@ def run_demo(
 
 
 def write_score_csv(per: Mapping[str, Any], path: PathLike) -> Path:
-    """Per-sample table of a ScoreResult: index, nn1..nnk, d1..dk (L2), ratio, memorized and, when computed,
-    inauthentic, train_nn_other_dist and cell. Written atomically."""
+    """Per-sample table of a ScoreResult: index, sample_name (source name of the sample: file name in a folder or
+    zip, "file:key[row]" of arrays), nn1..nnk, nn_name (source name of nn1), d1..dk (L2), ratio, memorized and,
+    when computed, inauthentic, train_nn_other_dist and cell. Written atomically."""
     nn_index = np.asarray(per["nn_index"])
     nn_dist = np.asarray(per["nn_dist"], dtype=np.float64)
     k = nn_index.shape[1]
     extra = [c for c in ("inauthentic", "train_nn_other_dist", "cell") if c in per]
+    names = "sample_name" in per and "nn_name" in per
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
-        ["index", *[f"nn{j + 1}" for j in range(k)], *[f"d{j + 1}" for j in range(k)], "ratio", "memorized", *extra]
+        [
+            "index",
+            *(["sample_name"] if names else []),
+            *[f"nn{j + 1}" for j in range(k)],
+            *(["nn_name"] if names else []),
+            *[f"d{j + 1}" for j in range(k)],
+            "ratio",
+            "memorized",
+            *extra,
+        ]
     )
     for i in range(nn_index.shape[0]):
         row = [
             i,
+            *([str(per["sample_name"][i])] if names else []),
             *[int(v) for v in nn_index[i]],
+            *([str(per["nn_name"][i])] if names else []),
             *[f"{v:.9g}" for v in nn_dist[i]],
             f"{float(per['ratio'][i]):.9g}",
             int(per["memorized"][i]),
@@ -821,9 +839,33 @@ def score_report_markdown(summary: Mapping[str, Any], files: Sequence[str]) -> s
             f"| index | {i.get('factory')} (recall@{s['k']} on {i.get('recall_sample', 'all')} queries: "
             f"{_fmt(i.get('recall_at_k'))}) |"
         )
+    conv = [f"{who}: {c}" for who, cs in (s.get("conversions") or {}).items() for c in cs]
+    if conv:
+        lines += ["", "Conversions applied on loading:", "", *[f"- {c}" for c in conv]]
+    rc = s.get("range_check") or {}
+    checked = [who for who in ("samples", "heldout") if who in rc]
+    if checked:
+        lines.append("")
+    for who in checked:
+        r, t = rc[who]["range"], rc[who]["train_range"]
+        verdict = "MISMATCH, scored anyway" if rc[who]["mismatch"] else "ok"
+        lines.append(
+            f"Value range of {who}: [{_fmt(r[0])}, {_fmt(r[1])}] against the training range "
+            f"[{_fmt(t[0])}, {_fmt(t[1])}]: {verdict}."
+        )
+    lines += [
+        "",
+        "`per_sample.csv` / `per_sample.npz` name each sample and its nearest training item by source "
+        "(`sample_name`, `nn_name`: file name in a folder or zip, `file:key[row]` for arrays).",
+    ]
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), ""]
     lines += [f"![{f}]({f})" for f in files if f.endswith(".png")]
     return "\n".join(lines) + "\n"
+
+
+def _short(name: Any, width: int = 24) -> str:
+    name = str(name)
+    return name if len(name) <= width else "..." + name[-(width - 3) :]
 
 
 def write_score_outputs(result: Any, out_dir: PathLike, samples: Any, train: Any) -> list[str]:
@@ -832,21 +874,24 @@ def write_score_outputs(result: Any, out_dir: PathLike, samples: Any, train: Any
     import torch
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     per, held, s = result.per_sample, result.heldout, result.summary
+    aligned = (getattr(result, "extra", None) or {}).get("samples")  # aligned to the training items' layout
+    samples = aligned if aligned is not None else samples
     files = ["summary.json", "per_sample.csv", "per_sample.npz"]
-    write_score_csv(per, out / "per_sample.csv")
-    arrays = {k: v for k, v in per.items()}
-    if held is not None:
-        arrays.update({f"heldout_{k}": v for k, v in held.items()})
-    write_npz_atomic(arrays, out / "per_sample.npz")
+    # the figure's inputs first, so that a failure leaves no per-sample files behind
     vr = tuple(s["value_range"]) if s.get("value_range") else None
     order = np.argsort(np.asarray(per["ratio"]), kind="stable")[:64]
     xs = samples[torch.from_numpy(order)].cpu().numpy()
     nn = train[torch.from_numpy(np.asarray(per["nn_index"])[order, 0])].cpu().numpy()
+    if xs.shape != nn.shape and xs[0].size == nn[0].size:  # a flat side: show both in the training items' shape
+        xs = xs.reshape(nn.shape)
     if vr is None:
         lo, hi = float(min(xs.min(), nn.min())), float(max(xs.max(), nn.max()))
         vr = (lo, hi if hi > lo else lo + 1.0)
+    titles = None
+    if "sample_name" in per and "nn_name" in per:
+        titles = [f"{_short(per['sample_name'][i])}\n~ {_short(per['nn_name'][i])}" for i in order]
+    out.mkdir(parents=True, exist_ok=True)
     nn_grid_figure(
         xs,
         nn,
@@ -854,8 +899,17 @@ def write_score_outputs(result: Any, out_dir: PathLike, samples: Any, train: Any
         out / "nn_grid.png",
         value_range=vr,
         threshold=s["threshold"],
-        suptitle="Generated samples beside their nearest training points",
+        titles=titles,
+        suptitle="Generated samples beside their nearest training points (above: sample name ~ nearest's name)"
+        if titles
+        else "Generated samples beside their nearest training points",
+        n_total=len(per["ratio"]),
     )
+    write_score_csv(per, out / "per_sample.csv")
+    arrays = {k: v for k, v in per.items()}
+    if held is not None:
+        arrays.update({f"heldout_{k}": v for k, v in held.items()})
+    write_npz_atomic(arrays, out / "per_sample.npz")
     ratios = {"generated": per["ratio"]}
     if held is not None:
         ratios["held-out real"] = held["ratio"]

@@ -352,7 +352,7 @@ def test_npy_bad_files(tmp_path):
     for mmap in (True, False):
         with pytest.raises(DataFormatError, match="cut.npy"):
             TrainingSet.from_npy(tmp_path / "cut.npy", mmap=mmap)
-    np.save(tmp_path / "int.npy", np.zeros((5, 3), np.uint8))
+    np.save(tmp_path / "int.npy", np.zeros((5, 3), np.int32))  # uint8 pixels load scaled, other ints do not
     with pytest.raises(InputTypeError, match="int.npy"):
         TrainingSet.from_npy(tmp_path / "int.npy")
     np.save(tmp_path / "vec.npy", np.zeros(5, np.float32))
@@ -591,8 +591,8 @@ def test_open_sniffs_contents(tmp_path):
         TrainingSet.open(tmp_path / "mystery.xyz")
     with pytest.raises(FileNotFoundError, match="not-there"):
         TrainingSet.open(tmp_path / "not-there.npy")
-    with pytest.raises(InputError, match="scale: not an option"):
-        TrainingSet.open(tmp_path / "points.bin", scale="[0,1]")
+    with pytest.raises(InputError, match="split: not an option"):
+        TrainingSet.open(tmp_path / "points.bin", split="train")
     with pytest.raises(InputTypeError, match="train: expected a path"):
         TrainingSet.open(3)
 

@@ -30,6 +30,7 @@ import torch
 
 from diffgen_fast._atomic import _atomic_target
 from diffgen_fast.errors import DataFormatError, InputError, InputTypeError
+from diffgen_fast.layout import RANGE_RULE, align_layout, check_range, scale_for, training_range
 from diffgen_fast.metrics.copying import authenticity, ct_statistic, default_cells
 from diffgen_fast.metrics.memorization import MemorizationResult
 from diffgen_fast.ops import knn
@@ -197,12 +198,24 @@ class ScoreResult:
         return float(self.summary["fraction_memorized"])
 
 
-def _as_set(obj, name: str):
+def _as_set(obj, name: str, scale: str = "[-1,1]"):
     from diffgen_fast.data import TrainingSet
 
     if obj is None:
         return None
+    if isinstance(obj, (str, os.PathLike)):  # uint8 files are scaled to the training set's convention
+        return TrainingSet.open(obj, name=name, scale=scale)
     return TrainingSet.coerce(obj, name=name)
+
+
+def _names_of(ts, rows: np.ndarray) -> np.ndarray:
+    """Source names of training rows ("" where a search found no neighbour, index -1)."""
+    rows = np.asarray(rows)
+    out = np.full(len(rows), "", dtype=object)
+    ok = rows >= 0
+    if ok.any():
+        out[ok] = ts.names(rows[ok])
+    return out.astype(str)
 
 
 def _features_of(ts, space: _Space) -> torch.Tensor:
@@ -233,6 +246,7 @@ def score(
     check_authenticity: bool = True,
     seed: int = 0,
     on_chunk: Optional[Callable[[int, int], None]] = None,
+    on_range_mismatch: str = "warn",
 ) -> ScoreResult:
     """Run the memorization tests of generated samples against a training set.
 
@@ -255,19 +269,43 @@ def score(
         min_cell: cells with fewer generated or held-out samples are left out of C_T.
         check_authenticity: run the second pass (nearest other training point of each sample's nearest).
         on_chunk: callable(chunks_done, rows_done) after each chunk (for progress or tests).
+        on_range_mismatch: "warn" (RangeMismatchWarning), "error" (InputError) or "ignore" when the samples' or
+            held-out values are far from the training set's value range (see diffgen_fast.layout.RANGE_RULE),
+            checked before any pass.
+
+    Samples (and held-out points) must have the training items' shape, or be flat: a set in the channels-last
+    layout of channels-first training items (or the reverse) is permuted to the training layout, other shapes are
+    refused. uint8 files (.npy / .npz / images) are scaled to the training set's convention. Every conversion is
+    listed in ``summary["conversions"]``; the aligned sets are in ``result.extra["samples"]`` / ``["heldout"]``.
     """
     from diffgen_fast.data import TrainingSet
 
     t_start = time.perf_counter()
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-        raise InputError(f"threshold: expected a number > 0, got {threshold!r}")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not threshold > 0
+        or not np.isfinite(threshold)
+    ):
+        raise InputError(f"threshold: expected a finite number > 0, got {threshold!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise InputError(f"k: expected an int >= 2 (the ratio test needs two neighbours), got {k!r}")
     space = _Space(embed, metric)
     ts_pts = TrainingSet.coerce(train, name="train")
-    smp = _as_set(samples, "samples")
-    ho = _as_set(heldout, "heldout")
-    if train_features is not None or sample_features is not None or heldout_features is not None:
+    precomputed = train_features is not None or sample_features is not None or heldout_features is not None
+    if on_range_mismatch not in ("warn", "error", "ignore"):
+        raise InputError(f"on_range_mismatch: expected 'warn', 'error' or 'ignore', got {on_range_mismatch!r}")
+    t_range = training_range(ts_pts) if on_range_mismatch != "ignore" else ts_pts.value_range
+    smp = _as_set(samples, "samples", scale_for(t_range))
+    ho = _as_set(heldout, "heldout", scale_for(t_range))
+    smp = align_layout(smp, ts_pts, "samples", strict=not precomputed)
+    ho = align_layout(ho, ts_pts, "heldout", strict=not precomputed) if ho is not None else None
+    ranges = {}
+    if not precomputed and on_range_mismatch != "ignore":
+        for name, st in (("samples", smp), ("heldout", ho)):
+            if st is not None:
+                ranges[name] = check_range(st, ts_pts, name, on_mismatch=on_range_mismatch)
+    if precomputed:
         if embed is not None:
             raise InputError("embed: give either an embedding callable or precomputed features, not both")
         if train_features is None or sample_features is None or (ho is not None and heldout_features is None):
@@ -357,6 +395,12 @@ def score(
 
     per = nn_facts(slice(0, M))
     held = nn_facts(slice(M, M + H)) if H else None
+    # source names: file names of image folders / zips, "source[row]" of arrays
+    per["sample_name"] = np.array(smp.names())
+    per["nn_name"] = _names_of(ts_pts, nn_index[:M, 0])
+    if held is not None:
+        held["sample_name"] = np.array(ho.names())
+        held["nn_name"] = _names_of(ts_pts, nn_index[M:, 0])
     # authenticity: the nearest other training point of each sample's nearest training point
     if check_authenticity and len(ts) >= 2:
         uniq = np.unique(nn_index[:M, 0])
@@ -380,11 +424,20 @@ def score(
         held["cell"] = c_all[M:]
         ct = ct_statistic(nn_dist[:M, 0], c_all[:M], nn_dist[M:, 0], c_all[M:], cells, min_cell=min_cell)
     summary = _summary(per, held, ct, ts, threshold, k, metric, space_name, backend, index_info, passes, smp, M, H)
+    summary["samples"] = {"source": smp.source, "n": len(smp), "shape": list(smp.shape)}
+    if ho is not None:
+        summary["heldout"]["source"] = ho.source
+        summary["heldout"]["shape"] = list(ho.shape)
+    summary["conversions"] = {
+        n: st.conversions for n, st in (("train", ts_pts), ("samples", smp), ("heldout", ho)) if st is not None
+    }
+    if ranges:
+        summary["range_check"] = {"rule": RANGE_RULE, **ranges}
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     if ck_dir is not None:
         for p in ck_dir.glob("pass-*.npz") if ck_dir.is_dir() else []:
             p.unlink()
-    return ScoreResult(per_sample=per, heldout=held, summary=summary, ct=ct)
+    return ScoreResult(per_sample=per, heldout=held, summary=summary, ct=ct, extra={"samples": smp, "heldout": ho})
 
 
 def _kmeans_centroids(ts, space: _Space, cells: int, seed: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from diffgen_fast.errors import InputError
+from diffgen_fast.layout import check_item_shapes
 from diffgen_fast.ops._checks import check_queries
 
 
@@ -23,11 +24,7 @@ def prepare(x: Any, train: Any, *, x_name: str = "x", train_name: str = "train")
     ts.check_finite()
     M = xt.shape[0]
     d = math.prod(xt.shape[1:])
-    if d != ts.d:
-        raise InputError(
-            f"{x_name}: items of shape {tuple(xt.shape[1:])} (d={d}) do not match {train_name} items of shape "
-            f"{tuple(ts.shape)} (d={ts.d}); expected the same number of values per item"
-        )
+    check_item_shapes(tuple(xt.shape[1:]), tuple(ts.shape), x_name=x_name, train_name=train_name)
     x2 = xt.reshape(M, d)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
