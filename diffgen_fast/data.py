@@ -1,8 +1,11 @@
 """Training sets: N points of one per-item shape, served as a flattened ``[N, d]`` float view.
 
 :class:`TrainingSet` is what every kernel, denoiser and memorization metric reads. It holds the points either in
-memory (a torch tensor on any device) or out of core (a copy-on-write memory map of an ``.npy`` file, whose pages
-load lazily), and serves them whole (:meth:`TrainingSet.flat`) or in bounded chunks (:meth:`TrainingSet.iter_chunks`).
+memory (a torch tensor on any device) or out of core (a read-only memory map of an ``.npy`` file, whose pages load
+lazily), and serves them whole (:meth:`TrainingSet.flat`) or in bounded chunks (:meth:`TrainingSet.iter_chunks`).
+Chunks of a file-backed set are read with explicit reads into fresh buffers (never handed out as views of the map),
+and the file is checked unchanged (size, modification time, inode) before every chunk: a file truncated or rewritten
+while in use raises :class:`~diffgen_fast.errors.DataFormatError` naming it instead of killing the process (SIGBUS).
 Per-set statistics that several consumers need (squared norms, mean, covariance, finiteness, a content fingerprint)
 are streamed over chunks with float64 accumulation and cached.
 
@@ -10,6 +13,11 @@ Loaders cover arrays (torch / numpy), ``.npy`` (memory-mapped by default), ``.np
 ``dataset_tool`` zips, the python version of CIFAR-10 (directory or ``.tar.gz``, read without extracting and without
 running arbitrary pickle code) and small built-ins. Every failure raises an error from :mod:`diffgen_fast.errors`
 that names the argument or file at fault and what was expected.
+
+Archive members (``.npz`` arrays, zip entries, tar entries) are refused when their declared uncompressed size exceeds
+a limit, so that a small file that expands hugely (a "zip bomb") is never read whole: :data:`MAX_MEMBER_BYTES`
+(4 GiB), overridden by the environment variable ``DIFFGEN_FAST_MAX_MEMBER_BYTES`` and by the ``max_member_bytes=``
+keyword of the archive loaders.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import pickle
 import re
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -40,6 +49,9 @@ __all__ = [
     "FLOAT_DTYPES",
     "IMAGE_EXTENSIONS",
     "IMAGE_SCALES",
+    "MAX_CLASS_LABEL",
+    "MAX_MEMBER_BYTES",
+    "MAX_MEMBER_BYTES_ENV",
     "TrainingSet",
 ]
 
@@ -53,6 +65,14 @@ IMAGE_SCALES = ("[-1,1]", "[0,1]", "[0,255]")
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 #: Names accepted by :meth:`TrainingSet.builtin`.
 BUILTINS = ("digits",)
+#: Largest declared (uncompressed) size in bytes of one archive member (.npz array, zip or tar entry) that is read;
+#: larger members are refused. Overridden by the environment variable :data:`MAX_MEMBER_BYTES_ENV` and by the
+#: ``max_member_bytes=`` keyword of the loaders.
+MAX_MEMBER_BYTES = 4 << 30
+#: Environment variable that overrides :data:`MAX_MEMBER_BYTES` (a positive integer number of bytes).
+MAX_MEMBER_BYTES_ENV = "DIFFGEN_FAST_MAX_MEMBER_BYTES"
+#: Largest class label accepted from an EDM ``dataset.json`` (labels must be ints in ``[0, MAX_CLASS_LABEL]``).
+MAX_CLASS_LABEL = (1 << 24) - 1
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -252,18 +272,84 @@ def _check_member_name(member: str, where: str, name: str) -> None:
         )
 
 
-def _zip_read(zf: zipfile.ZipFile, member: str, where: str, name: str) -> bytes:
+def _member_limit(max_member_bytes: Any = None) -> int:
+    """The member size limit: the keyword if given, else the environment variable, else :data:`MAX_MEMBER_BYTES`."""
+    if max_member_bytes is not None:
+        if not _is_int(max_member_bytes) or max_member_bytes < 1:
+            raise InputError(
+                f"max_member_bytes: expected a positive int number of bytes or None, got {max_member_bytes!r}"
+            )
+        return int(max_member_bytes)
+    env = os.environ.get(MAX_MEMBER_BYTES_ENV, "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise InputError(f"{MAX_MEMBER_BYTES_ENV}: expected a positive integer number of bytes, got {env!r}")
+        return value
+    return int(MAX_MEMBER_BYTES)
+
+
+def _check_member_size(size: int, member: str, where: str, name: str, limit: int) -> None:
+    if size > limit:
+        raise DataFormatError(
+            f"{name}: entry '{member}' of {where} expands to {size} bytes, more than the limit of {limit} bytes "
+            f"(refused: a member that expands hugely is not read whole); raise the limit with max_member_bytes= or "
+            f"the environment variable {MAX_MEMBER_BYTES_ENV} if the file is trusted"
+        )
+
+
+def _zip_read(zf: zipfile.ZipFile, member: str, where: str, name: str, limit: int | None = None) -> bytes:
+    """The bytes of one zip member, refused (DataFormatError) when it expands beyond the member size limit."""
+    limit = _member_limit() if limit is None else limit
     try:
-        return zf.read(member)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as e:
+        _check_member_size(zf.getinfo(member).file_size, member, where, name, limit)
+        with zf.open(member) as f:
+            raw = f.read(limit + 1)  # never more than the limit, even if the declared size lies
+        _check_member_size(len(raw), member, where, name, limit)
+        return raw
+    except DataFormatError:
+        raise
+    except MemoryError as e:
+        raise DataFormatError(f"{name}: out of memory reading entry '{member}' of {where}") from e
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError, ValueError,
+            KeyError) as e:  # fmt: skip
         raise DataFormatError(f"{name}: cannot read entry '{member}' of {where} ({type(e).__name__}: {e})") from e
+
+
+def _npz_member_check(z: Any, key: str, where: str, name: str, limit: int) -> None:
+    """Refuse an .npz array whose member, or whose .npy header, declares more bytes than the limit (or than the
+    member holds), before numpy allocates it."""
+    zf = z.zip
+    member = key if key in zf.namelist() else f"{key}.npy"
+    info = zf.getinfo(member)
+    _check_member_size(info.file_size, member, where, name, limit)
+    fmt = np.lib.format
+    with zf.open(member) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            return
+        header = f.tell()
+    need = math.prod(shape) * dtype.itemsize
+    _check_member_size(need, member, where, name, limit)
+    if header + need > info.file_size:
+        raise DataFormatError(
+            f"{name}: entry '{member}' of {where} is truncated: its header promises {list(shape)} {dtype} "
+            f"({need} bytes of data), the entry has {info.file_size - header}"
+        )
 
 
 def _parse_edm_labels(raw: bytes, where: str, name: str) -> dict[str, int] | None:
     """Parse an EDM dataset.json: ``{"labels": [["00000/img00000000.png", 6], ...]}`` or ``{"labels": null}``."""
     try:
         meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DataFormatError(f"{name}: {where} is not valid JSON ({e})") from e
     if not isinstance(meta, dict) or "labels" not in meta:
         raise DataFormatError(f"{name}: {where} must be a JSON object with a 'labels' key (EDM dataset.json format)")
@@ -275,13 +361,23 @@ def _parse_edm_labels(raw: bytes, where: str, name: str) -> dict[str, int] | Non
     table: dict[str, int] = {}
     for entry in entries:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
-            raise DataFormatError(f"{name}: {where}: expected [filename, label] pairs in 'labels', got {entry!r}")
+            raise DataFormatError(f"{name}: {where}: expected [filename, label] pairs in 'labels', got {entry!r:.200}")
         label = entry[1]
         if isinstance(label, bool) or not isinstance(label, int):
             raise DataFormatError(
-                f"{name}: {where}: only integer class labels are supported, got {label!r} for '{entry[0]}'"
+                f"{name}: {where}: only integer class labels are supported, got {label!r:.100} for '{entry[0]}'"
             )
-        table[entry[0].replace("\\", "/")] = label
+        if not 0 <= label <= MAX_CLASS_LABEL:
+            raise DataFormatError(
+                f"{name}: {where}: class label {label!r:.100} for '{entry[0]}' is out of range; expected an int in "
+                f"[0, {MAX_CLASS_LABEL}]"
+            )
+        key = entry[0].replace("\\", "/")
+        if key in table:
+            raise DataFormatError(
+                f"{name}: {where}: '{entry[0]}' is labeled more than once; expected one [filename, label] per image"
+            )
+        table[key] = label
     return table
 
 
@@ -512,8 +608,12 @@ def _load_cifar_batch(raw: bytes, where: str, name: str) -> tuple[np.ndarray, np
     return data.reshape(-1, 3, 32, 32), lab.astype(np.int64)
 
 
-def _read_cifar_tar(p: Path, wanted: tuple[str, ...], name: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Parse the wanted batches of a CIFAR-10 tar archive in one streaming pass, without extracting anything."""
+def _read_cifar_tar(
+    p: Path, wanted: tuple[str, ...], name: str, limit: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Parse the wanted batches of a CIFAR-10 tar archive in one streaming pass, without extracting anything; a
+    batch whose declared size exceeds the member size limit is refused before it is read."""
+    limit = _member_limit() if limit is None else limit
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     in_dir: set[str] = set()
     try:
@@ -525,13 +625,16 @@ def _read_cifar_tar(p: Path, wanted: tuple[str, ...], name: str) -> list[tuple[n
                 canonical = path.parent.name == _CIFAR_DIR
                 if path.name in in_dir and not canonical:
                     continue
+                _check_member_size(member.size, member.name, f"'{p}'", name, limit)
                 f = tf.extractfile(member)
                 assert f is not None
-                found[path.name] = _load_cifar_batch(f.read(), f"entry '{member.name}' of '{p}'", name)
+                found[path.name] = _load_cifar_batch(f.read(limit + 1), f"entry '{member.name}' of '{p}'", name)
                 if canonical:
                     in_dir.add(path.name)
     except DataFormatError:
         raise
+    except MemoryError as e:
+        raise DataFormatError(f"{name}: out of memory reading the tar archive '{p}'") from e
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
         raise DataFormatError(f"{name}: '{p}' is not a readable tar archive ({type(e).__name__}: {e})") from e
     for batch in wanted:
@@ -579,6 +682,113 @@ def _sniff(p: Path, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# file-backed rows
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
+def _torch_of_readonly(x: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the memory of a read-only array (no copy). The caller must never write into it: the
+    TrainingSet only reads it, and hands out copies of it from :meth:`TrainingSet.iter_chunks`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
+
+
+class _MappedFile:
+    """Where the rows of an out-of-core set lie in a file, and the file's state when it was opened.
+
+    ``offset`` is the byte position of row 0 (None when unknown: rows are then copied out of the map), ``stride`` the
+    bytes from one row to the next. ``exact``: the file must keep its size, modification time and inode (read-only
+    sources); otherwise (a writable map the caller may write through) only its inode and a size >= the original.
+    ``pread``: rows may be read from the file with explicit reads (a read-only map, whose pages equal the file's).
+    """
+
+    __slots__ = ("path", "offset", "stride", "stamp", "exact", "pread")
+
+    def __init__(self, path: Path, offset: int | None, stride: int, stamp: tuple, *, exact: bool, pread: bool) -> None:
+        self.path, self.offset, self.stride, self.stamp = path, offset, stride, stamp
+        self.exact, self.pread = exact, pread
+
+    def rows(self, start: int, step: int) -> _MappedFile:
+        """The origin of the view ``[start::step]``."""
+        offset = None if self.offset is None else self.offset + start * self.stride
+        return _MappedFile(self.path, offset, self.stride * step, self.stamp, exact=self.exact, pread=self.pread)
+
+    def check(self, name: str, st: os.stat_result | None = None) -> None:
+        """Raise DataFormatError naming the file when it changed since it was opened (or cannot be found)."""
+        try:
+            now = _stamp(os.stat(self.path) if st is None else st)
+        except OSError as e:
+            raise DataFormatError(
+                f"{name}: '{self.path}' cannot be checked any more ({e}); expected the file a memory-mapped training "
+                "set was opened from to stay in place while it is used"
+            ) from e
+        size0, mtime0, ino0, dev0 = self.stamp
+        size1, mtime1, ino1, dev1 = now
+        if self.exact:
+            changed = now != self.stamp
+        else:
+            changed = (ino1, dev1) != (ino0, dev0) or size1 < size0
+        if changed:
+            what = []
+            if size1 != size0:
+                what.append(f"size {size0} -> {size1} bytes")
+            if mtime1 != mtime0:
+                what.append("modification time changed")
+            if (ino1, dev1) != (ino0, dev0):
+                what.append("replaced by another file")
+            raise DataFormatError(
+                f"{name}: '{self.path}' changed while the training set was open ({', '.join(what)}); expected the file "
+                "to stay unchanged while it is read: open it again to use its new contents"
+            )
+
+
+def _memmap_origin(x: np.ndarray) -> _MappedFile | None:
+    """Origin of a C-contiguous numpy memmap's rows in its file, or None when it cannot be told."""
+    if not isinstance(x, np.memmap) or not getattr(x, "filename", None):
+        return None
+    mode = getattr(x, "mode", None)
+    path = Path(x.filename)
+    try:
+        stamp = _stamp(os.stat(path))
+    except OSError:
+        return None
+    readonly = mode == "r"
+    offset: int | None = None
+    try:
+        import mmap
+
+        buf = np.frombuffer(x._mmap, dtype=np.uint8)  # the whole mapping, which starts at a granularity boundary
+        start = int(x.offset) - int(x.offset) % mmap.ALLOCATIONGRANULARITY
+        offset = start + (x.ctypes.data - buf.ctypes.data)
+        del buf
+        if offset < 0:
+            offset = None
+    except Exception:
+        offset = None
+    stride = int(x.strides[0]) if x.ndim else 0
+    return _MappedFile(path, offset, stride, stamp, exact=readonly, pread=readonly)
+
+
+def _read_exact(f: Any, buf: np.ndarray, pos: int, path: Path, name: str) -> None:
+    """Fill buf from the file f at byte pos with explicit reads (no memory map: a file cut short cannot SIGBUS)."""
+    view = memoryview(buf.reshape(-1).view(np.uint8))
+    got = 0
+    f.seek(pos)
+    while got < len(view):
+        k = f.readinto(view[got:])
+        if not k:
+            raise DataFormatError(
+                f"{name}: '{path}' ended after {pos + got} bytes while rows were read from it (it was truncated while "
+                "in use); expected the file to stay unchanged: open it again"
+            )
+        got += k
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # TrainingSet
 
 
@@ -589,13 +799,15 @@ class TrainingSet:
     ``TrainingSet(x, labels)`` is the same as :meth:`from_tensor`.
 
     A set is either in memory (a torch tensor on :attr:`device`) or out of core (``is_in_memory`` False: a
-    copy-on-write memory map of an ``.npy`` file whose pages load lazily as rows are read). An in-memory set is
+    read-only memory map of an ``.npy`` file whose pages load lazily as rows are read; :meth:`iter_chunks` reads its
+    rows with explicit reads, a chunk at a time, after checking that the file did not change). An in-memory set is
     always checked finite when it is built; an out-of-core set is checked on the first :meth:`check_finite` call.
     An out-of-core set can be served in another dtype or on another device (:meth:`to`): the conversion then happens
     chunk by chunk in :meth:`iter_chunks` and the statistics, and :meth:`flat` materialises a converted copy.
 
     Tensors returned by :meth:`flat`, :meth:`tensor`, :meth:`iter_chunks` and the cached statistics share memory
-    with the set: treat them as read-only.
+    with the set: treat them as read-only. (A read-only array or memmap is wrapped without a copy; :meth:`flat` of
+    such a set is a view of it that must not be written to, while :meth:`iter_chunks` yields copies.)
 
     Args:
         x: ``[N, d]`` or ``[N, *shape]`` float tensor or numpy array (float16, bfloat16, float32, float64).
@@ -614,7 +826,7 @@ class TrainingSet:
         source: str | None = None,
         name: str = "train",
     ) -> None:
-        in_memory = True
+        in_memory, readonly, origin = True, False, None
         if isinstance(x, torch.Tensor):
             t = x.detach()
             if t.dtype not in FLOAT_DTYPES:
@@ -628,9 +840,10 @@ class TrainingSet:
             in_memory = not isinstance(x, np.memmap)
             if not x.dtype.isnative:
                 x, in_memory = x.astype(x.dtype.newbyteorder("=")), True
-            elif not x.flags.writeable:
-                x, in_memory = x.copy(), True
-            t = torch.from_numpy(x)
+            if not in_memory and x.flags.c_contiguous:
+                origin = _memmap_origin(x)
+            readonly = not x.flags.writeable
+            t = _torch_of_readonly(x) if readonly else torch.from_numpy(x)
             assert t.dtype == dtype
             default_source = "ndarray" if in_memory else "memmap"
         else:
@@ -647,7 +860,7 @@ class TrainingSet:
             raise InputError(f"{name}: expected points with at least one value each, got per-item shape {shape}")
         store = t.reshape(n, -1)
         if not store.is_contiguous():
-            store, in_memory = store.contiguous(), True
+            store, in_memory, readonly, origin = store.contiguous(), True, False, None
         self._setup(
             store,
             shape,
@@ -659,6 +872,8 @@ class TrainingSet:
             dtype=store.dtype,
             device=store.device,
             check=True,
+            readonly=readonly,
+            file=origin if not in_memory else None,
         )
 
     # -- internal construction -----------------------------------------------------------------------------------------
@@ -676,8 +891,12 @@ class TrainingSet:
         dtype: torch.dtype,
         device: torch.device,
         check: bool,
+        readonly: bool = False,
+        file: _MappedFile | None = None,
     ) -> None:
         self._store = store
+        self._readonly = readonly  # the store is memory that must not be written (chunks are copied out of it)
+        self._file = file  # where an out-of-core store's rows lie in its file
         self._shape = tuple(shape)
         self._n = int(store.shape[0])
         self._d = int(store.shape[1])
@@ -706,6 +925,8 @@ class TrainingSet:
         check: bool,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        readonly: bool = False,
+        file: _MappedFile | None = None,
     ) -> TrainingSet:
         new = type(self).__new__(type(self))
         new._setup(
@@ -719,6 +940,8 @@ class TrainingSet:
             dtype=self._dtype if dtype is None else dtype,
             device=self._device if device is None else device,
             check=check,
+            readonly=readonly,
+            file=file,
         )
         new._names, new._conversions = self._names, list(self._conversions)
         return new
@@ -825,13 +1048,17 @@ class TrainingSet:
     def flat(self) -> torch.Tensor:
         """All points as one ``[N, d]`` tensor.
 
-        A view of the storage (for an ``.npy`` memmap, of the file mapping: nothing is read until rows are touched).
-        If an out-of-core set is served in another dtype or device (see :meth:`to`), this materialises a converted
-        copy on every call; use :meth:`load` to keep one.
+        A view of the storage (for an ``.npy`` memmap, of the read-only file mapping: nothing is read until rows are
+        touched, and it must not be written to). If an out-of-core set is served in another dtype or device (see
+        :meth:`to`), this materialises a converted copy on every call; use :meth:`load` to keep one.
+
+        Raises:
+            DataFormatError: the file of an out-of-core set changed since it was opened.
 
         Returns:
             ``[N, d]`` tensor of :attr:`dtype` on :attr:`device`.
         """
+        self._check_file()
         if self._store.dtype == self._dtype and self._store.device == self._device:
             return self._store
         return self._store.to(device=self._device, dtype=self._dtype)
@@ -842,8 +1069,14 @@ class TrainingSet:
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
         """Rows with item shape: ``ts[i]`` is ``[*shape]``, ``ts[a:b]`` or ``ts[index]`` is ``[k, *shape]``."""
+        self._check_file()
         rows = self._store.view(self._n, *self._shape)[idx]
-        return rows.to(device=self._device, dtype=self._dtype)
+        out = rows.to(device=self._device, dtype=self._dtype)
+        return out.clone() if self._readonly and out.data_ptr() == rows.data_ptr() else out
+
+    def _check_file(self) -> None:
+        if self._file is not None:
+            self._file.check(self._name)
 
     # -- conversions -------------------------------------------------------------------------------------------------
 
@@ -895,7 +1128,16 @@ class TrainingSet:
                 self._store.to(device=dev, dtype=dt), in_memory=True, labels=labels, check=False, dtype=dt, device=dev
             )
         else:
-            new = self._derive(self._store, in_memory=False, labels=labels, check=False, dtype=dt, device=dev)
+            new = self._derive(
+                self._store,
+                in_memory=False,
+                labels=labels,
+                check=False,
+                dtype=dt,
+                device=dev,
+                readonly=self._readonly,
+                file=self._file,
+            )
         if dt == self._dtype:
             self._share_caches(new, dev)
         elif self._in_memory:
@@ -922,13 +1164,17 @@ class TrainingSet:
                 if store.shape[0] == 0:
                     raise InputError(f"index: {index!r} selects no rows of {self._n}; expected a non-empty subset")
                 labels = None if self._labels is None else self._labels[start:stop:step]
-                new = self._derive(store, in_memory=self._in_memory, labels=labels, check=False)
+                file = None if self._file is None else self._file.rows(start, step)
+                new = self._derive(
+                    store, in_memory=self._in_memory, labels=labels, check=False, readonly=self._readonly, file=file
+                )
                 new._names = self._item_names().select(np.arange(start, stop, step)[: store.shape[0]])
                 if self._bad_row is None:
                     new._bad_row = None
                 return new
             index = torch.arange(start, stop, step)
         idx = _index_tensor(index, self._n)
+        self._check_file()
         store = self._store.index_select(0, idx.to(self._store.device)).to(device=self._device, dtype=self._dtype)
         labels = None if self._labels is None else self._labels[idx.to(self._labels.device)]
         known_finite = self._bad_row is None
@@ -961,9 +1207,46 @@ class TrainingSet:
 
     def _chunks(self, rows: int, dev: torch.device, dt: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
         # Narrow to the served dtype first, so that every consumer sees the values the kernels see.
+        if self._file is not None:
+            yield from self._file_chunks(rows, dev, dt)
+            return
         for start in range(0, self._n, rows):
-            chunk = self._store[start : start + rows].to(device=dev, dtype=self._dtype).to(dtype=dt)
-            yield start, chunk.contiguous()
+            src = self._store[start : start + rows]
+            chunk = src.to(device=dev, dtype=self._dtype).to(dtype=dt).contiguous()
+            if (self._readonly or not self._in_memory) and chunk.data_ptr() == src.data_ptr():
+                chunk = chunk.clone()  # never hand out a view of read-only memory or of a file mapping
+            yield start, chunk
+
+    def _file_chunks(self, rows: int, dev: torch.device, dt: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+        """Chunks of a file-backed store, each a fresh copy read after checking the file did not change: with
+        explicit reads from the file when the rows are contiguous in it, else copied out of the (read-only) map."""
+        origin = self._file
+        assert origin is not None
+        row_bytes = self._d * self._store.element_size()
+        np_dtype = torch.empty(0, dtype=self._store.dtype).numpy().dtype
+        use_read = origin.pread and origin.offset is not None and origin.stride == row_bytes
+        f = None
+        try:
+            if use_read:
+                try:
+                    f = open(origin.path, "rb", buffering=0)  # noqa: SIM115 (closed in finally)
+                except OSError as e:
+                    raise DataFormatError(f"{self._name}: cannot read '{origin.path}' any more ({e})") from e
+            for start in range(0, self._n, rows):
+                m = min(rows, self._n - start)
+                origin.check(self._name)  # the path still names the file opened (not replaced, same size and time)
+                if f is not None:
+                    origin.check(self._name, os.fstat(f.fileno()))  # and the file read from is that file
+                    buf = np.empty((m, self._d), dtype=np_dtype)
+                    _read_exact(f, buf, origin.offset + start * row_bytes, origin.path, self._name)
+                    chunk = torch.from_numpy(buf)
+                else:
+                    chunk = torch.empty((m, self._d), dtype=self._store.dtype)
+                    chunk.copy_(self._store[start : start + m])
+                yield start, chunk.to(device=dev, dtype=self._dtype).to(dtype=dt).contiguous()
+        finally:
+            if f is not None:
+                f.close()
 
     def iter_chunks_with_labels(
         self, chunk_size: int | None = None, *, device: Any = None, dtype: torch.dtype | None = None
@@ -1141,8 +1424,9 @@ class TrainingSet:
 
         Args:
             path: the file.
-            mmap: memory-map it copy-on-write (nothing is read until rows are used); False reads it into memory.
-                Fortran-ordered or big-endian files are always read into memory.
+            mmap: memory-map it read-only (nothing is read until rows are used, nothing is ever written; the file
+                may be larger than memory: :meth:`iter_chunks` reads it a chunk at a time); False reads it into
+                memory. Fortran-ordered or big-endian files are always read into memory.
             scale: how uint8 pixels (e.g. guided-diffusion's ``[N, H, W, C]`` sample arrays) become floats, as the
                 image loaders: ``"[-1,1]"`` (default), ``"[0,1]"`` or ``"[0,255]"``; read into memory as float32,
                 recorded in :attr:`conversions`. Float data is served as stored (scale is not applied).
@@ -1157,6 +1441,7 @@ class TrainingSet:
         if scale is not None:
             _check_scale(scale)
         header = _read_npy_header(p, name)
+        st = p.stat()
         if header is not None:
             shape, dtype, offset = header
             if dtype != np.uint8:
@@ -1166,14 +1451,16 @@ class TrainingSet:
             if shape[0] == 0:
                 raise InputError(f"{name}: empty training set (N = 0) in '{p}'; expected at least one point")
             need = offset + math.prod(shape) * dtype.itemsize
-            have = p.stat().st_size
+            have = st.st_size
             if have < need:
                 raise DataFormatError(
                     f"{name}: '{p}' is truncated: its header promises {list(shape)} {dtype} ({need} bytes), "
                     f"the file has {have} bytes"
                 )
         try:
-            arr = np.load(p, mmap_mode="c" if mmap else None, allow_pickle=False)
+            arr = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except MemoryError as e:
+            raise DataFormatError(f"{name}: out of memory reading '{p}' (pass mmap=True to stream it)") from e
         except Exception as e:
             raise DataFormatError(f"{name}: cannot read '{p}' as .npy ({type(e).__name__}: {e})") from e
         if not isinstance(arr, np.ndarray):
@@ -1186,6 +1473,9 @@ class TrainingSet:
         out._names = _ItemNames(p.name)
         if not out._in_memory:
             out._source = f"npy:{p} (memmap)"
+            if header is not None:
+                row_bytes = out._d * dtype.itemsize
+                out._file = _MappedFile(p, offset, row_bytes, _stamp(st), exact=True, pread=True)
         return out
 
     @classmethod
@@ -1199,7 +1489,13 @@ class TrainingSet:
 
     @classmethod
     def from_npz(
-        cls, path: PathLike, key: str | None = None, *, scale: str | None = None, name: str = "train"
+        cls,
+        path: PathLike,
+        key: str | None = None,
+        *,
+        scale: str | None = None,
+        max_member_bytes: int | None = None,
+        name: str = "train",
     ) -> TrainingSet:
         """Load the points (and labels) from an ``.npz`` archive.
 
@@ -1210,6 +1506,9 @@ class TrainingSet:
             scale: how uint8 pixels (guided-diffusion / ADM sample archives: ``arr_0`` uint8 ``[N, H, W, C]``)
                 become floats, as the image loaders: ``"[-1,1]"`` (default), ``"[0,1]"`` or ``"[0,255]"``; recorded
                 in :attr:`conversions`. Float data is served as stored (scale is not applied).
+            max_member_bytes: largest uncompressed size of an array that is read (an array declaring more is
+                refused with DataFormatError); None means ``$DIFFGEN_FAST_MAX_MEMBER_BYTES`` or
+                :data:`MAX_MEMBER_BYTES`.
             name: argument name used in error messages.
 
         Returns:
@@ -1218,6 +1517,7 @@ class TrainingSet:
         p = _existing_file(path, name)
         if scale is not None:
             _check_scale(scale)
+        limit = _member_limit(max_member_bytes)
         label_keys = ("labels", "y")
         try:
             with np.load(p, allow_pickle=False) as z:
@@ -1238,11 +1538,17 @@ class TrainingSet:
                         )
                 elif key not in keys:
                     raise InputError(f"key: {key!r} is not an array of '{p}'; expected one of {keys}")
+                _npz_member_check(z, key, f"'{p}'", name, limit)
                 x = z[key]
                 label_key = next((k for k in label_keys if k in keys and k != key), None)
-                labels = None if label_key is None else z[label_key]
+                labels = None
+                if label_key is not None:
+                    _npz_member_check(z, label_key, f"'{p}'", name, limit)
+                    labels = z[label_key]
         except (DataFormatError, InputError):
             raise
+        except MemoryError as e:
+            raise DataFormatError(f"{name}: out of memory reading '{p}' as .npz") from e
         except Exception as e:
             raise DataFormatError(f"{name}: cannot read '{p}' as .npz ({type(e).__name__}: {e})") from e
         if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim >= 2 and x.shape[0] > 0:
@@ -1318,7 +1624,13 @@ class TrainingSet:
 
     @classmethod
     def from_edm_zip(
-        cls, path: PathLike, scale: str = "[-1,1]", *, cache: PathLike | None = None, name: str = "train"
+        cls,
+        path: PathLike,
+        scale: str = "[-1,1]",
+        *,
+        cache: PathLike | None = None,
+        max_member_bytes: int | None = None,
+        name: str = "train",
     ) -> TrainingSet:
         """Load an EDM ``dataset_tool.py`` zip: image members plus an optional ``dataset.json`` with labels.
 
@@ -1329,12 +1641,16 @@ class TrainingSet:
             path: the zip file.
             scale: ``"[-1,1]"``, ``"[0,1]"`` or ``"[0,255]"`` (see :meth:`from_image_folder`).
             cache: as in :meth:`from_image_folder`: stream the decoded images into a memory-mapped ``.npy``.
+            max_member_bytes: largest uncompressed size of one entry that is read (larger ones are refused with
+                DataFormatError); None means ``$DIFFGEN_FAST_MAX_MEMBER_BYTES`` or :data:`MAX_MEMBER_BYTES`.
             name: argument name used in error messages.
 
         Returns:
             in-memory float32 TrainingSet of shape ``(C, H, W)``; labels from ``dataset.json`` (None if null/absent).
+            Labels must be ints in ``[0, MAX_CLASS_LABEL]``, one per image.
         """
         _check_scale(scale)
+        limit = _member_limit(max_member_bytes)
         p = _existing_file(path, name)
         where = f"'{p}'"
         try:
@@ -1358,9 +1674,13 @@ class TrainingSet:
                 raise InputError(f"{name}: empty training set: no image entries in {where}")
             table = None
             if "dataset.json" in zf.namelist():
-                table = _parse_edm_labels(_zip_read(zf, "dataset.json", where, name), f"dataset.json in {where}", name)
+                raw = _zip_read(zf, "dataset.json", where, name, limit)
+                table = _parse_edm_labels(raw, f"dataset.json in {where}", name)
             labels = _labels_for(members, table, f"dataset.json in {where}", name)
-            entries = [(m, lambda m=m: _zip_read(zf, m, where, name)) for m in members]
+            for info in infos:
+                if info.filename in members:
+                    _check_member_size(info.file_size, info.filename, where, name, limit)
+            entries = [(m, lambda m=m: _zip_read(zf, m, where, name, limit)) for m in members]
             if cache is not None:
                 st = p.stat()
                 stamp = {"source": str(p.resolve()), "scale": scale, "files": hashlib.sha256(
@@ -1372,7 +1692,13 @@ class TrainingSet:
 
     @classmethod
     def from_cifar10(
-        cls, path: PathLike, split: str = "train", scale: str = "[-1,1]", *, name: str = "train"
+        cls,
+        path: PathLike,
+        split: str = "train",
+        scale: str = "[-1,1]",
+        *,
+        max_member_bytes: int | None = None,
+        name: str = "train",
     ) -> TrainingSet:
         """Load CIFAR-10 (python version) from its batches directory or its ``.tar.gz``, without extracting.
 
@@ -1384,12 +1710,14 @@ class TrainingSet:
                 the tar archive itself.
             split: ``"train"`` (data_batch_1..5, 50000 images) or ``"test"`` (test_batch, 10000 images).
             scale: ``"[-1,1]"``, ``"[0,1]"`` or ``"[0,255]"`` (see :meth:`from_image_folder`).
-            cache: as in :meth:`from_image_folder`: stream the decoded images into a memory-mapped ``.npy``.
+            max_member_bytes: largest declared size of a batch read from a tar archive (larger ones are refused
+                with DataFormatError); None means ``$DIFFGEN_FAST_MAX_MEMBER_BYTES`` or :data:`MAX_MEMBER_BYTES`.
             name: argument name used in error messages.
 
         Returns:
             in-memory float32 TrainingSet of shape ``(3, 32, 32)`` with int64 labels 0..9.
         """
+        limit = _member_limit(max_member_bytes)
         if split not in ("train", "test"):
             raise InputError(f"split: expected 'train' or 'test', got {split!r}")
         _check_scale(scale)
@@ -1417,7 +1745,7 @@ class TrainingSet:
                     )
                 parts.append(_load_cifar_batch(f.read_bytes(), f"'{f}'", name))
         else:
-            parts = _read_cifar_tar(p, wanted, name)
+            parts = _read_cifar_tar(p, wanted, name, limit)
         u8 = np.concatenate([images for images, _ in parts])
         labels = torch.from_numpy(np.concatenate([lab for _, lab in parts]))
         return cls(
@@ -1498,7 +1826,8 @@ class TrainingSet:
 
         Args:
             path: file or directory.
-            **kw: options of the chosen loader (``mmap``, ``key``, ``scale``, ``split``) and ``name``.
+            **kw: options of the chosen loader (``mmap``, ``key``, ``scale``, ``split``, ``cache``,
+                ``max_member_bytes``) and ``name``.
 
         Returns:
             TrainingSet.
@@ -1509,9 +1838,9 @@ class TrainingSet:
         kind = _sniff(p, name)
         loader, options = {
             "npy": (cls.from_npy, {"mmap", "scale"}),
-            "npz": (cls.from_npz, {"key", "scale"}),
-            "zip": (cls.from_edm_zip, {"scale", "cache"}),
-            "cifar": (cls.from_cifar10, {"split", "scale"}),
+            "npz": (cls.from_npz, {"key", "scale", "max_member_bytes"}),
+            "zip": (cls.from_edm_zip, {"scale", "cache", "max_member_bytes"}),
+            "cifar": (cls.from_cifar10, {"split", "scale", "max_member_bytes"}),
             "images": (cls.from_image_folder, {"scale", "cache"}),
         }[kind]
         options = options | {"name"}

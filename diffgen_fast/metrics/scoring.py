@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -86,22 +85,85 @@ def _sha(t: torch.Tensor) -> str:
 
 
 class _Checkpoint:
-    """A top-k state saved after every chunk: best_d [M, k], best_i [M, k], the next row and a key of the inputs."""
+    """A top-k state saved after every chunk: best_d [M, c], best_i [M, c] (c = min(k, next_row) columns), the next
+    row and a key of the inputs.
+
+    Loading never trusts the file: it is read without pickles, and a file that is unreadable, empty, or inconsistent
+    (missing or extra arrays, wrong dtypes or shapes, next_row outside [0, N], NaN distances, indices outside the rows
+    already seen) is refused with a DataFormatError that names it and says to delete it to start over.
+    """
+
+    _ARRAYS = ("best_d", "best_i", "key", "next_row")
 
     def __init__(self, path: Optional[Path], key: dict):
         self.path, self.key = path, json.dumps(key, sort_keys=True)
 
-    def load(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
-        if self.path is None or not self.path.is_file():
+    def _refuse(self, why: str, cause: Optional[BaseException] = None) -> DataFormatError:
+        err = DataFormatError(f"checkpoint: '{self.path}' {why}; it is not used: delete it to start over")
+        err.__cause__ = cause
+        return err
+
+    def load(
+        self, rows: Optional[int] = None, k: Optional[int] = None, n: Optional[int] = None
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The saved state (best_d, best_i, next_row), None when there is none or it is for other inputs.
+
+        rows, k, n: the number of queries, the k of the pass and the number of training rows; each given one is
+        checked against the file.
+        """
+        if self.path is None or not (self.path.exists() or self.path.is_symlink()):
             return None
+        if not self.path.is_file():
+            raise self._refuse("is not a regular file")
         try:
-            with np.load(self.path, allow_pickle=False) as z:
-                if str(z["key"]) != self.key:
+            z = np.load(self.path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise self._refuse("is not an .npz archive of a top-k state")
+            with z:
+                names = sorted(z.files)
+                if names != sorted(self._ARRAYS):
+                    raise self._refuse(f"holds arrays {names}; expected exactly {sorted(self._ARRAYS)}")
+                key = z["key"]
+                if key.shape != () or key.dtype.kind != "U":
+                    raise self._refuse(f"has a key of dtype {key.dtype} and shape {list(key.shape)}; expected a string")
+                if str(key) != self.key:
                     log.warning("checkpoint %s is for other inputs or settings; starting over", self.path)
                     return None
-                return torch.from_numpy(z["best_d"]), torch.from_numpy(z["best_i"]), int(z["next_row"])
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            raise DataFormatError(f"checkpoint: cannot read '{self.path}' ({e}); delete it to start over") from e
+                best_d, best_i, next_row = z["best_d"], z["best_i"], z["next_row"]
+        except DataFormatError:
+            raise
+        except Exception as e:  # unreadable, empty, truncated, a pickle, out of memory: never trusted
+            raise self._refuse(f"cannot be read ({type(e).__name__}: {e})", e) from e
+        return self._checked(best_d, best_i, next_row, rows, k, n)
+
+    def _checked(self, best_d, best_i, next_row, rows, k, n) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if next_row.shape != () or next_row.dtype.kind not in "iu":
+            raise self._refuse(f"has next_row of dtype {next_row.dtype}, shape {list(next_row.shape)}; expected an int")
+        done = int(next_row)
+        if done < 0 or (n is not None and done > n):
+            raise self._refuse(f"has next_row = {done}; expected a row in [0, {'N' if n is None else n}]")
+        if best_d.dtype != np.float64 or best_i.dtype != np.int64:
+            raise self._refuse(f"has best_d {best_d.dtype}, best_i {best_i.dtype}; expected float64 and int64")
+        if best_d.ndim != 2 or best_d.shape != best_i.shape:
+            raise self._refuse(
+                f"has best_d of shape {list(best_d.shape)} and best_i of shape {list(best_i.shape)}; expected the "
+                "same [M, c] shape for both"
+            )
+        m, c = best_d.shape
+        if rows is not None and m != rows:
+            raise self._refuse(f"holds {m} queries; expected {rows}")
+        if k is not None and c != min(k, done):
+            raise self._refuse(
+                f"holds {c} neighbours per query after {done} rows; expected min(k, rows) = {min(k, done)}"
+            )
+        if np.isnan(best_d).any() or (best_d == -np.inf).any():
+            raise self._refuse("holds NaN or -inf distances")
+        padding = best_i == -1
+        bad = ~padding & ((best_i < 0) | (best_i >= done))
+        if bad.any() or (padding & (best_d != np.inf)).any():
+            example = int(best_i[bad][0]) if bad.any() else -1
+            raise self._refuse(f"holds neighbour indices outside the {done} rows seen (e.g. {example})")
+        return torch.from_numpy(np.array(best_d)), torch.from_numpy(np.array(best_i)), done
 
     def save(self, best_d: torch.Tensor, best_i: torch.Tensor, next_row: int) -> None:
         if self.path is None:
@@ -145,7 +207,7 @@ def stream_topk(
     M = queries.shape[0]
     stats = PassStats()
     ck = _Checkpoint(checkpoint, {"k": k, "chunk_size": chunk_size, "queries": _sha(queries), **(key or {})})
-    state = ck.load()
+    state = ck.load(M, k, len(train))
     if state is not None:
         best_d, best_i, done = state
         stats.resumed_from_row = done
