@@ -17,7 +17,9 @@ that names the argument or file at fault and what was expected.
 Archive members (``.npz`` arrays, zip entries, tar entries) are refused when their declared uncompressed size exceeds
 a limit, so that a small file that expands hugely (a "zip bomb") is never read whole: :data:`MAX_MEMBER_BYTES`
 (4 GiB), overridden by the environment variable ``DIFFGEN_FAST_MAX_MEMBER_BYTES`` and by the ``max_member_bytes=``
-keyword of the archive loaders.
+keyword of the archive loaders; and a member of more than 64 MiB that expands more than :data:`MAX_EXPANSION` (100)
+times its compressed size is refused whatever the limit (``DIFFGEN_FAST_MAX_EXPANSION`` raises it), so a 3 GB member
+packed in 3 MB is refused by default.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ __all__ = [
     "MAX_CLASS_LABEL",
     "MAX_MEMBER_BYTES",
     "MAX_MEMBER_BYTES_ENV",
+    "MAX_EXPANSION",
+    "MAX_EXPANSION_ENV",
     "TrainingSet",
 ]
 
@@ -71,6 +75,13 @@ BUILTINS = ("digits",)
 MAX_MEMBER_BYTES = 4 << 30
 #: Environment variable that overrides :data:`MAX_MEMBER_BYTES` (a positive integer number of bytes).
 MAX_MEMBER_BYTES_ENV = "DIFFGEN_FAST_MAX_MEMBER_BYTES"
+#: Largest expansion (uncompressed size / compressed size) accepted for an archive member of more than
+#: :data:`EXPANSION_FREE_BYTES`: a 3 GB member packed in 3 MB (a "zip bomb") is refused under the default size limit
+#: too. Overridden by the environment variable :data:`MAX_EXPANSION_ENV`.
+MAX_EXPANSION = 100
+MAX_EXPANSION_ENV = "DIFFGEN_FAST_MAX_EXPANSION"
+#: Members up to this size are never refused for their expansion alone.
+EXPANSION_FREE_BYTES = 64 << 20
 #: Largest class label accepted from an EDM ``dataset.json`` (labels must be ints in ``[0, MAX_CLASS_LABEL]``).
 MAX_CLASS_LABEL = (1 << 24) - 1
 
@@ -292,7 +303,28 @@ def _member_limit(max_member_bytes: Any = None) -> int:
     return int(MAX_MEMBER_BYTES)
 
 
-def _check_member_size(size: int, member: str, where: str, name: str, limit: int) -> None:
+def _max_expansion() -> float:
+    env = os.environ.get(MAX_EXPANSION_ENV, "").strip()
+    if not env:
+        return float(MAX_EXPANSION)
+    try:
+        value = float(env)
+    except ValueError:
+        value = 0.0
+    if not value >= 1:
+        raise InputError(f"{MAX_EXPANSION_ENV}: expected a number >= 1, got {env!r}")
+    return value
+
+
+def _check_member_size(
+    size: int, member: str, where: str, name: str, limit: int, compressed: int | None = None
+) -> None:
+    if compressed is not None and size > EXPANSION_FREE_BYTES and size > _max_expansion() * max(compressed, 1):
+        raise DataFormatError(
+            f"{name}: entry '{member}' of {where} expands from {compressed} to {size} bytes (more than "
+            f"{_max_expansion():g} times; refused as a likely archive bomb); raise {MAX_EXPANSION_ENV} if the file "
+            f"is trusted"
+        )
     if size > limit:
         raise DataFormatError(
             f"{name}: entry '{member}' of {where} expands to {size} bytes, more than the limit of {limit} bytes "
@@ -305,7 +337,8 @@ def _zip_read(zf: zipfile.ZipFile, member: str, where: str, name: str, limit: in
     """The bytes of one zip member, refused (DataFormatError) when it expands beyond the member size limit."""
     limit = _member_limit() if limit is None else limit
     try:
-        _check_member_size(zf.getinfo(member).file_size, member, where, name, limit)
+        info = zf.getinfo(member)
+        _check_member_size(info.file_size, member, where, name, limit, info.compress_size)
         with zf.open(member) as f:
             raw = f.read(limit + 1)  # never more than the limit, even if the declared size lies
         _check_member_size(len(raw), member, where, name, limit)
@@ -325,7 +358,7 @@ def _npz_member_check(z: Any, key: str, where: str, name: str, limit: int) -> No
     zf = z.zip
     member = key if key in zf.namelist() else f"{key}.npy"
     info = zf.getinfo(member)
-    _check_member_size(info.file_size, member, where, name, limit)
+    _check_member_size(info.file_size, member, where, name, limit, info.compress_size)
     fmt = np.lib.format
     with zf.open(member) as f:
         version = fmt.read_magic(f)
@@ -625,7 +658,7 @@ def _read_cifar_tar(
                 canonical = path.parent.name == _CIFAR_DIR
                 if path.name in in_dir and not canonical:
                     continue
-                _check_member_size(member.size, member.name, f"'{p}'", name, limit)
+                _check_member_size(member.size, member.name, f"'{p}'", name, limit, p.stat().st_size)
                 f = tf.extractfile(member)
                 assert f is not None
                 found[path.name] = _load_cifar_batch(f.read(limit + 1), f"entry '{member.name}' of '{p}'", name)
@@ -1679,7 +1712,7 @@ class TrainingSet:
             labels = _labels_for(members, table, f"dataset.json in {where}", name)
             for info in infos:
                 if info.filename in members:
-                    _check_member_size(info.file_size, info.filename, where, name, limit)
+                    _check_member_size(info.file_size, info.filename, where, name, limit, info.compress_size)
             entries = [(m, lambda m=m: _zip_read(zf, m, where, name, limit)) for m in members]
             if cache is not None:
                 st = p.stat()

@@ -352,3 +352,19 @@ def test_edm_labels_duplicated_or_huge_json_refused(tmp_path):
     assert data_mod.MAX_CLASS_LABEL == MAX_LABEL
     _labeled_zip(tmp_path / "ok.zip", [0, MAX_LABEL])
     assert TrainingSet.from_edm_zip(tmp_path / "ok.zip").labels.tolist() == [0, MAX_LABEL]
+
+
+def test_a_bomb_under_the_size_limit_is_refused_by_its_expansion(tmp_path, monkeypatch):
+    """Under the default 4 GiB size limit, a member that expands > 100x and past 64 MiB is refused anyway."""
+    png = _png(np.zeros((4, 4), np.uint8))
+    _zip_bomb(tmp_path / "bomb.zip", "00000/img1.png", 80 << 20, extra={"00000/img0.png": png})
+    with pytest.raises(DataFormatError, match=r"img1\.png.*expands from \d+ to 83886080 bytes.*archive bomb"):
+        TrainingSet.from_edm_zip(tmp_path / "bomb.zip")
+    np.savez_compressed(tmp_path / "bomb.npz", x=np.zeros((80 << 20) // 4, np.float32).reshape(-1, 64))
+    with pytest.raises(DataFormatError, match=r"x\.npy.*archive bomb"):
+        TrainingSet.from_npz(tmp_path / "bomb.npz")
+    monkeypatch.setenv(data_mod.MAX_EXPANSION_ENV, "1e9")  # a trusted file: the check can be lifted
+    assert len(TrainingSet.from_npz(tmp_path / "bomb.npz")) == (80 << 20) // 256
+    monkeypatch.setenv(data_mod.MAX_EXPANSION_ENV, "0.5")
+    with pytest.raises(InputError, match=data_mod.MAX_EXPANSION_ENV):
+        TrainingSet.from_npz(tmp_path / "bomb.npz")
