@@ -24,8 +24,10 @@ from diffgen_fast.schedules import eps_from_x0, score_from_x0, v_from_x0
 class _Denoiser(torch.nn.Module):
     """Common surface: shape, EDM attributes, round_sigma, eps / score / v."""
 
-    sigma_min = 0.0
-    sigma_max = float("inf")
+    # EDM's range: finite, so that k-diffusion's get_sigmas_karras(model.sigma_min, model.sigma_max) works; the
+    # denoisers themselves accept any sigma > 0.
+    sigma_min = 0.002
+    sigma_max = 80.0
 
     def __init__(self, train: TrainingSet):
         super().__init__()

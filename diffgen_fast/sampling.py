@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from diffgen_fast.errors import InputError
+from diffgen_fast.errors import BackendUnavailableError, InputError
 from diffgen_fast.schedules import ddim_timesteps, edm_sigmas, vp_alphas_cumprod
 
 SAMPLERS = ("heun", "euler", "ddim")
@@ -88,7 +88,15 @@ def sample(
     if device is None:
         bufs = list(denoiser.buffers()) if isinstance(denoiser, torch.nn.Module) else []
         device = bufs[0].device if bufs else torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            "device: 'cuda' was asked for, but CUDA is not available here (torch "
+            f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); sample on 'cpu'"
+        )
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     if latents is None:
         latents = torch.randn((n, *shape), generator=gen, dtype=torch.float64)

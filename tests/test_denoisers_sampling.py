@@ -160,3 +160,31 @@ def test_modules_keep_nn_module_behaviour(digits):
     for D in (EmpiricalDenoiser(digits), GaussianDenoiser(digits)):
         assert D.eval() is D and not D.training and D.train() is D and D.training
     assert EmpiricalDenoiser(digits).train_set is digits
+
+
+def test_edm_sigma_range_is_finite_for_karras_schedules():
+    """k-diffusion's get_sigmas_karras(model.sigma_min, model.sigma_max) needs finite, positive ends."""
+    import math
+
+    from diffgen_fast import EmpiricalDenoiser, GaussianDenoiser, TrainingSet
+    from diffgen_fast.schedules import edm_sigmas
+
+    ts = TrainingSet.gaussian(50, 4, 0.0, 1.0, 0)
+    for D in (EmpiricalDenoiser(ts), GaussianDenoiser(ts)):
+        assert (D.sigma_min, D.sigma_max) == (0.002, 80.0)
+        s = edm_sigmas(10, D.sigma_min, D.sigma_max, 7.0)
+        assert all(math.isfinite(float(v)) for v in s)
+
+
+def test_sample_on_cuda_without_cuda_is_a_clear_error():
+    import pytest
+
+    from diffgen_fast import EmpiricalDenoiser, TrainingSet, sample
+    from diffgen_fast.errors import BackendUnavailableError, InputError
+
+    D = EmpiricalDenoiser(TrainingSet.gaussian(20, 4, 0.0, 1.0, 0))
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="device: 'cuda'"):
+            sample(D, 2, steps=2, device="cuda")
+    with pytest.raises(InputError, match="device"):
+        sample(D, 2, steps=2, device="gpu0")
