@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from diffgen_fast.data import TrainingSet
@@ -49,23 +50,41 @@ class _Denoiser(torch.nn.Module):
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
+    def __call__(self, x, *args, **kwargs):
+        # Numpy in, numpy out (sigma / alpha may be numpy too); torch tensors go straight through.
+        if isinstance(x, np.ndarray):
+            args = tuple(torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a for a in args)
+            kwargs = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                      for k, v in kwargs.items()}  # fmt: skip
+            out = super().__call__(torch.from_numpy(np.ascontiguousarray(x)), *args, **kwargs)
+            return out.detach().cpu().numpy()
+        return super().__call__(x, *args, **kwargs)
+
     def _check_x(self, x) -> torch.Tensor:
         xt, _ = check_queries(x, "x")
         if math.prod(xt.shape[1:]) != self.d:
             raise InputError(f"x: items of shape {tuple(xt.shape[1:])} do not match the training items {self.shape}")
         return xt
 
+    def _derived(self, conv, x, sigma, class_labels, alpha):
+        was_np = isinstance(x, np.ndarray)
+        if was_np:
+            x = torch.from_numpy(np.ascontiguousarray(x))
+            sigma, alpha = (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for v in (sigma, alpha))
+        out = conv(x, self(x, sigma, class_labels, alpha=alpha), sigma, alpha)
+        return out.detach().cpu().numpy() if was_np else out
+
     def eps(self, x, sigma, class_labels=None, *, alpha=1.0):
         """eps-prediction (x - alpha D) / sigma."""
-        return eps_from_x0(x, self(x, sigma, class_labels, alpha=alpha), sigma, alpha)
+        return self._derived(eps_from_x0, x, sigma, class_labels, alpha)
 
     def score(self, x, sigma, class_labels=None, *, alpha=1.0):
         """Score (alpha D - x) / sigma^2 of the noisy distribution."""
-        return score_from_x0(x, self(x, sigma, class_labels, alpha=alpha), sigma, alpha)
+        return self._derived(score_from_x0, x, sigma, class_labels, alpha)
 
     def v(self, x, sigma, class_labels=None, *, alpha=1.0):
         """v-prediction alpha eps - sigma D."""
-        return v_from_x0(x, self(x, sigma, class_labels, alpha=alpha), sigma, alpha)
+        return self._derived(v_from_x0, x, sigma, class_labels, alpha)
 
 
 class EmpiricalDenoiser(_Denoiser):

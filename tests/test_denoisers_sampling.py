@@ -188,3 +188,18 @@ def test_sample_on_cuda_without_cuda_is_a_clear_error():
             sample(D, 2, steps=2, device="cuda")
     with pytest.raises(InputError, match="device"):
         sample(D, 2, steps=2, device="gpu0")
+
+
+def test_denoisers_numpy_in_numpy_out():
+    import numpy as np
+
+    from diffgen_fast import EmpiricalDenoiser, GaussianDenoiser, KNNDenoiser, TrainingSet
+
+    ts = TrainingSet.gaussian(60, 4, 0.0, 1.0, 0)
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("f4")
+    for D in (EmpiricalDenoiser(ts), GaussianDenoiser(ts), KNNDenoiser(ts, k=8, n_samples=0)):
+        out = D(x, 0.5)
+        assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == x.shape
+        np.testing.assert_allclose(out, D(torch.from_numpy(x), 0.5).numpy(), rtol=1e-6, atol=1e-7)
+        for f in (D.eps, D.score, D.v):
+            assert isinstance(f(x, np.full(3, 0.5)), np.ndarray)
