@@ -394,7 +394,14 @@ def info(no_check: bool) -> None:
             click.echo("  built: yes")
             if isinstance(bi, dict):
                 for k, v in bi.items():
+                    if k == "simd":  # the compile-time baseline flags; the kernels dispatch at load time
+                        k, v = "simd baseline (compiled)", ", ".join(v) if isinstance(v, list) else v
                     click.echo(f"    {k}: {v}")
+                try:
+                    level = _native.simd_level()
+                except Exception as e:  # an extension without the query
+                    level = f"unknown ({_first_line(e)})"
+                click.echo(f"    simd dispatched (kernel variant running on this CPU): {level}")
             else:
                 click.echo(f"    {bi}")
         else:

@@ -151,3 +151,13 @@ def test_package_errors_are_one_clean_line(monkeypatch, tmp_path):
     assert result.exit_code == 2
     assert result.output.strip() == "error: train: expected [N, d], got [3]"
     assert "Traceback" not in result.output
+
+
+def test_info_reports_the_dispatched_simd_variant():
+    from diffgen_fast import _native
+
+    if not _native.available():
+        pytest.skip("native extension not built")
+    out = CliRunner().invoke(main, ["info", "--no-check"]).output
+    assert f"simd dispatched (kernel variant running on this CPU): {_native.simd_level()}" in out
+    assert _native.simd_level() in ("avx512f", "avx2+fma", "baseline")
