@@ -193,6 +193,10 @@ def _optional_version(dists: tuple[str, ...], module: str) -> str:
     return "installed (version unknown)" if found else "not installed"
 
 
+def _or_nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def _num(v: float) -> str:
     return str(v) if isinstance(v, int) else f"{v:.1e}".replace(".0e", "e")
 
@@ -746,7 +750,8 @@ def score(
         rows.append(["C_T (<< 0: copying)", f"{s['C_T']['cells_used']} cells", f"{s['C_T']['C_T']:.2f}"])
     if s.get("index") and not s["exact"]:
         rows.append(
-            [f"recall@{s['k']} ({s['index'].get('factory')})", "", _num(s["index"].get("recall_at_k") or float("nan"))]
+            # a plain decimal (0.487), never 4.9e-01
+            [f"recall@{s['k']} ({s['index'].get('factory')})", "", f"{_or_nan(s['index'].get('recall_at_k')):.3f}"]
         )
     click.echo()
     click.echo(_table(["test", "count", "value"], rows, "lrr"))
