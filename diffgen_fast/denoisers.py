@@ -1,7 +1,8 @@
 """Denoisers with EDM's call convention: D(x, sigma, class_labels=None) -> the x0-prediction.
 
 - EmpiricalDenoiser: the optimal denoiser of the empirical training distribution, D*(x) = sum_i w_i y_i.
-- GaussianDenoiser: the optimal denoiser of the Gaussian with the training set's mean and covariance (SCIENCE.md 4).
+- GaussianDenoiser: the optimal denoiser of the Gaussian with the training set's mean and covariance
+  (docs/science.md 4.1).
 
 Both take sigma as a float, a 0-d tensor, [M] or [M, 1, 1, 1] (as EDM's samplers pass it) and an optional VP signal
 scale alpha (x = alpha y + sigma n); eps / score / v predictions are one call away (schedules.py).
@@ -187,7 +188,7 @@ class GaussianDenoiser(_Denoiser):
 
 
 class KNNDenoiser(_Denoiser):
-    """Approximate empirical denoiser for very large N (Niedoba et al. 2024; SCIENCE.md section 8).
+    """Approximate empirical denoiser for very large N (Niedoba et al. 2024; docs/science.md section 8).
 
     Per query: the k nearest training points of x / alpha (exact kNN, or a faiss index) get their exact softmax
     logits; the other N - k points are estimated by importance sampling: `n_samples` indices drawn uniformly from

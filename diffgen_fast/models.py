@@ -1,4 +1,4 @@
-"""A small trained denoiser with EDM preconditioning, to compare against the exact optima (SCIENCE.md 4, 5, 7).
+"""A small trained denoiser with EDM preconditioning, to compare against the exact optima (docs/science.md 4, 5, 7).
 
 EDMPrecondMLP (Karras et al. 2022, "Elucidating the design space", Table 1):
 

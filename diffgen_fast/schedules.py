@@ -1,4 +1,4 @@
-"""Noise schedules and conversions (SCIENCE.md section 1).
+"""Noise schedules and conversions (docs/science.md section 1).
 
 VE / EDM: x = y + sigma n.  VP / DDPM: x_t = alpha_t y + sigma_t n, alpha_t^2 + sigma_t^2 = 1.
 The two meet through sigma_VE = sigma_t / alpha_t and x_VE = x_t / alpha_t.

@@ -1,4 +1,4 @@
-"""Linearity score, distance to D_G, linear distillation (SCIENCE.md 4) and the denoiser gap to D* (SCIENCE.md 7)."""
+"""Linearity score, distance to D_G, linear distillation (docs/science.md 4) and the gap to D* (docs/science.md 7)."""
 
 from __future__ import annotations
 

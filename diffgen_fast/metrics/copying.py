@@ -1,4 +1,4 @@
-"""Data-copying statistics of SCIENCE.md section 5 beyond the ratio test: Meehan et al.'s C_T and Alaa et al.'s
+"""Data-copying statistics of docs/science.md section 5 beyond the ratio test: Meehan et al.'s C_T and Alaa et al.'s
 authenticity. Pure functions of nearest-neighbour distances; diffgen_fast.metrics.scoring computes the distances.
 """
 

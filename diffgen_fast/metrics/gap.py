@@ -1,4 +1,4 @@
-"""The denoiser gap to the empirical optimum, E ||D_model(x) - D*(x)||^2 per sigma (SCIENCE.md section 7).
+"""The denoiser gap to the empirical optimum, E ||D_model(x) - D*(x)||^2 per sigma (docs/science.md section 7).
 
 A trained network that generalizes differs from the empirical optimal denoiser D* (whose deterministic samples are
 training points); the gap is small at small sigma (both return the nearest training point, or close to it) and at

@@ -1,4 +1,4 @@
-"""How Gaussian (linear) is a denoiser? Linearity score, distance to D_G, linear distillation (SCIENCE.md section 4).
+"""How Gaussian (linear) is a denoiser? Linearity score, distance to D_G, linear distillation (docs/science.md 4).
 
 - `linearity_score`: LS(sigma) = mean cos(D(sqrt(a) x1 + sqrt(1-a) x2), sqrt(a) D(x1) + sqrt(1-a) D(x2)) over pairs
   of forward samples x = y + sigma n (Li, Dai, Qu 2024). By default the map is taken about the training mean mu
@@ -204,7 +204,7 @@ def linearity_score(
     dtype: torch.dtype = torch.float64,
     device=None,
 ) -> dict:
-    """Linearity score of a denoiser per noise level (SCIENCE.md 4; Li, Dai, Qu 2024).
+    """Linearity score of a denoiser per noise level (docs/science.md 4.2; Li, Dai, Qu 2024).
 
     For each sigma, pairs of forward samples x1 = y_i + sigma n1, x2 = y_j + sigma n2 (i, j uniform training rows,
     n ~ N(0, I), the same draws for every sigma) give
@@ -282,7 +282,7 @@ def gaussian_difference(
     dtype: torch.dtype = torch.float64,
     device=None,
 ) -> dict:
-    """Normalised difference to the Gaussian denoiser, mean ||D(x) - D_G(x)|| / ||D_G(x)|| per sigma (SCIENCE.md 4).
+    """Normalised difference to D_G, mean ||D(x) - D_G(x)|| / ||D_G(x)|| per sigma (docs/science.md 4.3).
 
     x = y + sigma n over ``n`` forward samples (y uniform training rows, the same draws for every sigma); norms over
     the flattened vectors (L2, not squared).
@@ -341,7 +341,7 @@ def linear_distill(
     dtype: torch.dtype = torch.float64,
     device=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form ridge regression D(x) ~ W x + b at one noise level (the linear distillation of SCIENCE.md 4).
+    """Closed-form ridge regression D(x) ~ W x + b at one noise level (the linear distillation of docs/science.md 4.4).
 
     Over ``n`` forward samples x = y + sigma n (y uniform training rows) the float64 sufficient statistics
     sum x, sum D, sum x x^T, sum D x^T are accumulated batch by batch (about the training mean, against

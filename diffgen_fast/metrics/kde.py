@@ -1,4 +1,4 @@
-"""Generalization as distance to the KDE (Halder 2024, "From memorization to generalization"; SCIENCE.md section 6).
+"""Generalization as distance to the KDE (Halder 2024, "From memorization to generalization"; docs/science.md 6).
 
 Setting: data y ~ rho_O = N(m 1, s^2 I_d); a training set T = {y_1..y_N} drawn from rho_O; rho_T the Gaussian KDE of
 T with bandwidth h, (1/N) sum_i N(y_i, h^2 I). A generated distribution rho_gen is compared with both:
@@ -355,7 +355,7 @@ class _FittedGaussian:
         return -0.5 * quad - 0.5 * self.logdet(extra) - 0.5 * self.d * _LOG_2PI
 
     def kl_to_truth(self, h2: float, m: float, s: float) -> float:
-        """KL(N(mu_hat, C_hat + h2 I) || N(m 1, s^2 I)) from the spectrum (SCIENCE.md section 6)."""
+        """KL(N(mu_hat, C_hat + h2 I) || N(m 1, s^2 I)) from the spectrum (docs/science.md 6.1)."""
         d, s2 = self.d, s * s
         diff = self.mu - m
         tr = float(np.sum(self.lam)) + d * h2

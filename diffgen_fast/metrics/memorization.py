@@ -1,4 +1,4 @@
-"""Memorization of generated samples: the nearest-neighbour ratio test (SCIENCE.md section 5).
+"""Memorization of generated samples: the nearest-neighbour ratio test (docs/science.md section 5.1).
 
 A sample x is memorized when ||x - NN1(x)|| / ||x - NN2(x)|| < threshold (1/3, Yoon et al. 2023, Gu et al. 2023),
 with L2 distances in the space the samples and the training set are given in (pixel space by default).

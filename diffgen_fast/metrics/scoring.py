@@ -1,4 +1,4 @@
-"""Memorization scoring at scale: the tests of SCIENCE.md section 5 over a streamed training set, with checkpoints.
+"""Memorization scoring at scale: the tests of docs/science.md section 5 over a streamed training set, with checkpoints.
 
 `score` runs, in one or two passes over the training set (chunk by chunk, bounded memory, a progress bar):
   - the k nearest training points of every generated sample and every held-out sample (k >= 2);

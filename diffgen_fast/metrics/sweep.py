@@ -9,7 +9,7 @@ that subset) and measured on it:
   gaussian_difference  ||D - D_G|| / ||D_G|| per sigma, D_G of the subset
   gap                  E||D - D*||^2 / d per sigma, D* of the subset (0 for the default denoiser)
 
-Expected for the empirical optimum (SCIENCE.md 4): memorized at every N, far from linear at small sigma, and the
+Expected for the empirical optimum (docs/science.md 4): memorized at every N, far from linear at small sigma, and the
 distance to D_G falls as N grows. For a trained network the memorized fraction falls with N (metrics.transition).
 """
 

@@ -1,16 +1,16 @@
-"""The memorization -> generalization transition of a trained denoiser as the training set grows (SCIENCE.md 4, 5, 7).
+"""The memorization -> generalization transition of a trained denoiser as N grows (docs/science.md 4, 5, 7).
 
 For each N in Ns (nested subsets: the first N points of one fixed random permutation of the training set) an
 EDMPrecondMLP is trained on the subset with EDM's loss, n_samples are drawn with EDM's deterministic Heun sampler,
 and three things are measured:
 
 - memorized fraction: the nearest-neighbour ratio test ||x - NN1|| / ||x - NN2|| < 1/3 of the samples against the
-  SUBSET the network saw (SCIENCE.md 5);
+  SUBSET the network saw (docs/science.md 5.1);
 - gap to D*: E ||D_model(x) - D*(x)||^2 / d over forward samples x = y + sigma n, y uniform from the subset, D* the
-  empirical optimal denoiser of the subset, per sigma (SCIENCE.md 7a);
+  empirical optimal denoiser of the subset, per sigma (docs/science.md 7a);
 - distance to D_G: mean ||D_model(x) - D_G(x)|| / ||D_G(x)|| over the same forward samples, D_G the Gaussian
-  denoiser of the subset's mean and covariance (SCIENCE.md 4); the same distance of D* itself is reported beside it
-  as the reference a memorizing network would sit at.
+  denoiser of the subset's mean and covariance (docs/science.md 4.3); the same distance of D* itself is reported beside
+  it as the reference a memorizing network would sit at.
 
 Defaults (tuned on the built-in digits, d = 64, 2 CPU cores): width 512, depth 3, 3000 Adam steps of batch 256 at
 lr 2e-3 (cosine-decayed), 64 samples with 18 Heun steps. A width-256 net with 2000 steps barely memorizes even

@@ -147,7 +147,7 @@ def softmax_denoise(
 def kde_log_density(x, train, bandwidth: SigmaLike, *, backend: str = "auto"):
     """Gaussian-KDE log-density of the training set: log (1/N) sum_i N(x; y_i, h^2 I).
 
-    log p_h(x) = LSE_i(-||x - y_i||^2 / (2 h^2)) - log N - (d / 2) log(2 pi h^2)   (SCIENCE.md section 3)
+    log p_h(x) = LSE_i(-||x - y_i||^2 / (2 h^2)) - log N - (d / 2) log(2 pi h^2)   (docs/science.md section 3)
 
     Args:
         x: [M, *shape] or [M, d] query points; train: [N, *shape], [N, d] or a TrainingSet.

@@ -18,7 +18,7 @@ precision:
            certified GEMM error) holds at most N_REFINE points in every row, those candidates' distances are recomputed
            in float64 as differences and the scores are re-based on the exact best one, so the result is exact at
            small sigma, where the norm expansion cancels catastrophically. Every other point carries < e^-TAIL_NATS of
-           the top weight: the certified tail bound of SCIENCE.md section 2.
+           the top weight: the certified tail bound of docs/science.md section 2.7.
   "auto"   "fast" where the certified logit error of the bf16 products is below AUTO_TOL for every row of the call,
            else "exact" (docs/precision.md).
 """
