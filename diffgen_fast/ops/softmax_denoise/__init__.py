@@ -106,7 +106,7 @@ def softmax_denoise(
         precision: "auto", "fast" or "exact" (docs/precision.md for the error of each per backend).
 
     Differentiable in x, sigma and alpha on every backend (autograd: the backend's forward and the closed-form
-    backward, J = (alpha / sigma^2) Cov_w(y), by one exact float64 pass over the training set); no gradient flows
+    backward, J = (alpha / sigma^2) Cov_w(y), by two exact float64 passes over the training set); no gradient flows
     to the training set.
 
     Returns:

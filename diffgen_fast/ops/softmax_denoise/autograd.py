@@ -1,7 +1,7 @@
 """Autograd for softmax_denoise and kde_log_density, on every backend.
 
 The forward runs the chosen backend on detached inputs; the backward is closed form (docs/science.md section 2.5,
-"The denoiser's Jacobian") and computed by one exact float64 pass over the training set, streamed in chunks:
+"The denoiser's Jacobian") and computed by two exact float64 passes over the training set, streamed in chunks:
 
     z_i = -||x - a y_i||^2 / (2 s^2),  w = softmax(z),  D = sum_i w_i y_i,  L = log sum_i exp z_i
     dD/dx = (a / s^2) Cov_w(y)                      (symmetric: J^T g = J g)
