@@ -856,16 +856,16 @@ def _bench_shape(op, M, N, d, sigma, *, backends, precision, peers, device, repe
 
         from diffgen_fast.data import TrainingSet
 
-        ymap = np.load(os.fspath(train_npy), mmap_mode="r")
+        ymap = np.load(os.fspath(train_npy), mmap_mode="c")  # copy-on-write: torch.from_numpy takes it as is
         if ymap.shape != (N, d):
             raise ValueError(f"train_npy has shape {ymap.shape}, the knn shape asks for ({N}, {d})")
         g = torch.Generator().manual_seed(seed)
         j = torch.randint(0, N, (M,), generator=g)
         x = torch.from_numpy(np.ascontiguousarray(ymap[np.sort(j.numpy())])) + sigma * torch.randn(M, d, generator=g)
-        y = ymap
-        X, Y = [x], [ymap]
+        y = torch.from_numpy(ymap)  # the memory map, not a copy: the peers read the file's pages as ours do
+        X, Y = [x], [y]
         TRAIN = [TrainingSet.from_npy(train_npy)]
-        ref_y = torch.from_numpy(np.asarray(ymap))
+        ref_y = y
         rotate = 1
     else:
         x, y = make_data(M, N, d, sigma, seed, near)
@@ -1164,3 +1164,73 @@ def format_compare(results: list[dict]) -> str:
                      f"{c['old_time_s'] * 1e3:10.3f} ms -> {c['new_time_s'] * 1e3:10.3f}"
                      f" ms  x{c['ratio']:.2f}  {c['flag']}")  # fmt: skip
     return "\n".join(lines) if lines else "no matching rows"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the benchmarks/ scripts: common options and one driver
+
+
+def _csv_list(s: str, cast=str) -> list:
+    return [cast(v.strip()) for v in str(s).split(",") if v.strip()]
+
+
+def script_parser(doc: str, *, sigma: str = "1", repeat: int = 3, backends: str = "", peers: str = ",".join(PEERS)):
+    """The options every benchmarks/ script shares: --tiny, --out CSV, --md, --sigma, --backends, --peers,
+    --no-peers, --threads, --repeat, --warmup, --device, --verbose/--quiet."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: the same code end to end in seconds")
+    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<name>-<device>.csv)")
+    p.add_argument("--md", default=None, help="markdown table path (default: the CSV's with .md)")
+    p.add_argument("--sigma", default=sigma, help=f"comma list (default {sigma})")
+    p.add_argument("--backends", default=backends, help="comma list of our backends (default: the script's)")
+    p.add_argument("--peers", default=peers, help=f"comma list among {', '.join(PEERS)} (default {peers})")
+    p.add_argument("--no-peers", action="store_true", help="no peers (no ratios)")
+    p.add_argument("--threads", type=int, default=None, help="threads for torch, ours and faiss (default torch's)")
+    p.add_argument("--repeat", type=int, default=repeat, help=f"timed rounds (default {repeat})")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no per-row progress lines")
+    return p
+
+
+def default_results_path(name: str, rows_or_env: Union[list, dict], tiny: bool) -> str:
+    """benchmarks/results/<name>-[tiny-]<device slug>.csv under the repository (the current directory when the
+    package is installed elsewhere)."""
+    import re
+
+    env = rows_or_env[0] if isinstance(rows_or_env, list) and rows_or_env else rows_or_env
+    dev = env.get("device", "device") if isinstance(env, dict) else "device"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{'tiny-' if tiny else ''}{dev}").strip("-").lower()[:60]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = os.path.join(root, "benchmarks") if os.path.isdir(os.path.join(root, "benchmarks")) else "benchmarks"
+    return os.path.join(base, "results", f"{name}-{slug}.csv")
+
+
+def run_script(args, *, name: str, ops: Sequence[str], shapes, tiny_shapes, backends: Optional[Sequence[str]],
+               precision: Sequence[str] = ("exact", "fast"), k: int = 10,
+               extra: Optional[Callable[[dict], list]] = None) -> list[dict]:  # fmt: skip
+    """What every benchmarks/ script does after parsing script_parser's options: threads, ceilings, run_bench
+    (plus `extra(ceilings)` rows), the text table, CSV and markdown. Returns the rows."""
+    import torch as _torch
+
+    device = _torch.device(args.device)
+    threads = set_threads(args.threads)
+    ceil = measure_ceilings(device)
+    print(format_ceilings(ceil), f"threads={threads}", flush=True)
+    peers = () if args.no_peers else tuple(_csv_list(args.peers))
+    bk = tuple(_csv_list(args.backends)) if args.backends else (None if backends is None else tuple(backends))
+    rows = run_bench(ops=ops, shapes=tiny_shapes if args.tiny else shapes, backends=bk, precision=precision,
+                     peers=peers, device=device, repeat=args.repeat, warmup=args.warmup,
+                     sigma=_csv_list(args.sigma, float), k=k, ceilings=ceil, threads=threads,
+                     verbose=not args.quiet)  # fmt: skip
+    if extra is not None:
+        rows += extra(ceil)
+    print(format_table(rows))
+    path = args.out or default_results_path(name, rows, args.tiny)
+    md = args.md or os.path.splitext(path)[0] + ".md"
+    write_csv(rows, path)
+    write_text_atomic(format_markdown(rows, ceil), md)
+    print(f"wrote {path} and {md}", flush=True)
+    return rows
