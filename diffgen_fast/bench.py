@@ -315,10 +315,10 @@ def chunked_softmax_denoise(x, y, sigma, chunk: int = 8192, need_out: bool = Tru
     Training rows in chunks of `chunk`; per chunk the logits z = (x y^T - ||y||^2 / 2) / sigma^2 by one addmm into a
     reused buffer (the row constant -||x||^2 / (2 sigma^2) cancels in the softmax and is added to the lse at the end),
     an online softmax (running max m, rescale of the running sum l and of the output by exp(m_old - m_new)) with
-    in-place sub_ / exp_, and P @ Y accumulated by addmm_. No denormals: the shifted logits are clamped at -87
-    before exp_ and denormals are flushed to zero during the call (torch.set_flush_denormal); weights below
-    e^-87 of the row maximum cannot change a float32 sum, and without this the exp and P @ Y of small sigma run
-    5-50x slower. need_out False: the logsumexp only (kde).
+    in-place sub_ / exp_, and P @ Y accumulated by addmm_. No denormals: shifted logits below -87 are set to -inf
+    before exp_ (threshold_, in place), and denormals are flushed during the call (torch.set_flush_denormal, the
+    calling thread only); weights below e^-87 of the row maximum cannot change a float32 sum, and without this the
+    exp and the P @ Y of small sigma run 5-50x slower. need_out False: the logsumexp only (kde).
     Returns (denoised or None, lse)."""
     old = torch.is_flush_denormal_enabled() if hasattr(torch, "is_flush_denormal_enabled") else False
     torch.set_flush_denormal(True)
@@ -343,7 +343,8 @@ def _chunked_loop(x, y, sigma, chunk, need_out):
         bias = torch.linalg.vector_norm(yc, dim=1).square_().mul_(-0.5 * inv)
         torch.addmm(bias, x, yc.T, alpha=inv, out=z)
         mn = torch.maximum(m, z.amax(dim=1))
-        z.sub_(mn[:, None]).clamp_(min=-87.0).exp_()  # exp(-87) > 2^-126: no denormal (slow) results
+        # weights below e^-87 become exact zeros: no denormal (slow) exp results nor P @ Y products
+        torch.nn.functional.threshold_(z.sub_(mn[:, None]), -87.0, float("-inf")).exp_()
         r = torch.sub(m, mn).exp_()
         l.mul_(r).add_(z.sum(dim=1))
         if o is not None:
