@@ -839,13 +839,15 @@ def index_info(path, train_path) -> None:
 # bench
 
 
-@main.command(short_help="Benchmark the ops against the papers' code and peers; ceilings, CSV, roofline.")
-@click.option("--op", "ops", multiple=True, metavar="OP", help="denoise, knn, kde (repeat or comma list; default all)")
+@main.command(short_help="Benchmark the ops against the best peer (dense, chunked, keops, faiss); CSV, roofline.")
+@click.option("--op", "--ops", "ops", multiple=True, metavar="OP", help="denoise, knn, kde (repeat or comma list)")
 @click.option("--shapes", metavar="MxNxD,...", default=None, help='e.g. "256x20000x64,64x5000x3072" (all ops)')
+@click.option("--sigma", metavar="S,...", default="1", show_default=True, help="Noise levels / bandwidths (comma list)")
 @click.option("--backends", metavar="NAMES", default=None, help="Comma list of our backends (default: all available)")
 @click.option("--precision", metavar="P,...", default="exact,fast", show_default=True, help="Denoise precisions")
-@click.option("--no-peers", is_flag=True, default=False, help="Skip the naive / chunked / keops / faiss peers")
+@click.option("--no-peers", is_flag=True, default=False, help="Skip the dense / chunked / keops / faiss peers")
 @click.option("--device", metavar="DEV", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads of torch, ours and faiss alike")
 @click.option(
     "--out",
     "out_dir",
@@ -853,7 +855,7 @@ def index_info(path, train_path) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default="bench_out",
     show_default=True,
-    help="Where bench.csv and roofline.png go",
+    help="Where bench.csv, bench.md and roofline.png go",
 )
 @click.option(
     "--compare",
@@ -866,21 +868,23 @@ def index_info(path, train_path) -> None:
 @click.option("--tolerance", type=float, default=0.2, show_default=True, help="Slow-down flagged by --compare")
 @click.option("--profile", is_flag=True, default=False, help="Also write a Chrome trace (DIR/trace.json)")
 @click.option("--tiny", is_flag=True, default=False, help="Tiny shapes (seconds)")
-@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per row")
-def bench(ops, shapes, backends, precision, no_peers, device, out_dir, old_csv, tolerance, profile, tiny, repeat):
-    """Time every available backend and peer per op and shape; print the ceilings and a table.
+@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Timed rounds per row")
+def bench(ops, shapes, sigma, backends, precision, no_peers, device, threads, out_dir, old_csv, tolerance, profile,
+          tiny, repeat):  # fmt: skip
+    """Time our backends and the peers per op, shape and sigma; print the ceilings and a table.
 
-    Measures the machine's ceilings first (GEMM rate and copy bandwidth), then each backend of ours and each peer
-    (the papers' naive torch, chunked torch, KeOps, faiss) with the error against float64 and peak memory; writes
-    DIR/bench.csv (device, versions, date, git SHA) and DIR/roofline.png.
+    Measures the machine's ceilings first (sgemm rate of a large torch.mm, copy bandwidth), then, in one loop whose
+    order rotates every round, each backend of ours and each peer: "dense" (the papers' cdist + softmax + matmul),
+    "chunked" (a tuned plain-torch online-softmax loop, chunk size calibrated per shape), "keops" (if installed)
+    and "faiss" (knn). Each row of ours gets the ratio best peer time / our time against the fastest peer of the
+    same run, the error against float64 and the peak memory. Writes DIR/bench.csv (CPU model, threads, versions,
+    date, git SHA), DIR/bench.md and DIR/roofline.png.
 
-    \\b
+    \b
     Examples:
-
-    \\b
-    diffgen-fast bench --tiny --out /tmp/b
-    diffgen-fast bench --op denoise --shapes 256x20000x64 --backends cpu,torch
-    diffgen-fast bench --out new --compare old/bench.csv
+      diffgen-fast bench --tiny --out /tmp/b
+      diffgen-fast bench --op denoise --shapes 256x20000x64 --sigma 0.05,1,80 --backends cpu
+      diffgen-fast bench --out new --compare old/bench.csv
     """
     import torch
 
@@ -901,7 +905,14 @@ def bench(ops, shapes, backends, precision, no_peers, device, out_dir, old_csv, 
             shape_list = []
         if not shape_list or any(len(s) != 3 or min(s) < 1 for s in shape_list):
             raise click.BadParameter(f"expected MxNxD[,MxNxD...], got {shapes!r}", param_hint="--shapes")
+    try:
+        sigmas = [float(v) for v in split([sigma])]
+    except ValueError:
+        sigmas = []
+    if not sigmas or any(not v > 0 for v in sigmas):
+        raise click.BadParameter(f"expected positive numbers, got {sigma!r}", param_hint="--sigma")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    B.set_threads(threads)
     ceil = B.measure_ceilings(dev)
     click.echo(B.format_ceilings(ceil))
     rows = B.run_bench(
@@ -912,22 +923,25 @@ def bench(ops, shapes, backends, precision, no_peers, device, out_dir, old_csv, 
         peers=not no_peers,
         device=dev,
         repeat=repeat,
+        sigma=sigmas,
+        threads=threads,
         out_dir=out_dir,
         tiny=tiny,
         ceilings=ceil,
         profile=(out_dir / "trace.json") if profile else None,
     )
     click.echo(B.format_table(rows))
+    from diffgen_fast._atomic import write_text_atomic
+
+    write_text_atomic(B.format_markdown(rows, ceil), out_dir / "bench.md")
     extra = f" and {out_dir / 'trace.json'}" if profile else ""
-    click.echo(f"wrote {out_dir / 'bench.csv'} and {out_dir / 'roofline.png'}{extra}")
+    click.echo(f"wrote {out_dir / 'bench.csv'}, {out_dir / 'bench.md'} and {out_dir / 'roofline.png'}{extra}")
     if old_csv:
         res = B.compare(rows, old_csv, tolerance=tolerance)
         click.echo(B.format_compare(res))
         if any(c["flag"] == "REGRESSION" for c in res):
             click.echo("regression: some rows are slower than the older results", err=True)
             click.get_current_context().exit(1)
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 from diffgen_fast import bench
 
 CEILINGS = {"device_type": "cpu", "gemm_fp32_gflops": 50.0, "gemm_gflops": 50.0, "gemm_roof": "fp32", "copy_gbps": 10.0}
-PEERS = ("naive", "chunked", "faiss")  # keops compiles a module per shape (~10 s each): left to the CLI runs
+PEERS = ("dense", "chunked", "faiss")  # keops compiles a module per shape (~10 s each): left to the CLI runs
+ENV_FIELDS = ("device", "cpu_model", "threads", "simd", "torch", "numpy", "faiss", "date", "git_sha")
 
 
 def test_flops_model():
@@ -73,10 +74,12 @@ def test_tiny_run_csv(tiny_run):
         "sqdist_rel_err",
         "peak_mem_mb",
         "mem_method",
-        "device",
-        "torch",
-        "date",
-        "git_sha",
+        "best_peer",
+        "best_peer_time_s",
+        "vs_best_peer",
+        "kernel",
+        "sigma",
+        *ENV_FIELDS,
     ):
         assert col in fields, col
     from diffgen_fast.ops.dispatch import backend_table
@@ -87,13 +90,17 @@ def test_tiny_run_csv(tiny_run):
     for op, name in (("denoise", "softmax_denoise"), ("kde", "softmax_denoise"), ("knn", "knn")):
         ours = {r["backend"] for r in got if r["op"] == op and r["impl"] == "ours"}
         assert ours == {b for o, b in avail if o == name}, op
-        assert "naive torch" in {r["impl"] for r in got if r["op"] == op}
+        assert "dense" in {r["impl"] for r in got if r["op"] == op}
     assert {r["precision"] for r in got if r["op"] == "denoise" and r["impl"] == "ours"} == {"exact", "fast"}
-    assert "chunked torch" in {r["impl"] for r in got if r["op"] == "denoise"}
+    assert "chunked" in {r["impl"] for r in got if r["op"] == "denoise"}
+    assert "chunked" in {r["impl"] for r in got if r["op"] == "kde"}
     if any(b == "faiss" for _, b in avail):
         assert "faiss" in {r["impl"] for r in got if r["op"] == "knn"}
     for r in got:
         assert r["status"] == "ok", r
+        for f in ENV_FIELDS:
+            assert r[f] != "", (f, r)
+        assert int(r["threads"]) >= 1 and r["kernel"]
         assert float(r["time_s"]) > 0 and float(r["gflops"]) > 0 and float(r["gbps"]) > 0
         assert 0 < float(r["gemm_frac"]) and 0 < float(r["bw_frac"])
         exact = r["impl"] == "ours" and r["precision"] == "exact"
@@ -222,3 +229,144 @@ def test_kernel_passes_carry_profiler_ranges(tmp_path):
     names = {e.get("name", "") for e in _json.loads((tmp_path / "t.json").read_text())["traceEvents"]}
     for n in ("diffgen_fast/cpu.pass1_scores", "diffgen_fast/cpu.epilogue", "diffgen_fast/cpu.knn_chunk"):
         assert n in names, n
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the peers, the ratio column, the timing loop
+
+
+def _data(M=24, N=1500, d=16, sigma=0.7, seed=0):
+    return bench.make_data(M, N, d, sigma, seed=seed)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 20.0])
+@pytest.mark.parametrize("chunk", [64, 500, 1500, 4096])  # dividing N, not dividing it, = N, > N
+def test_chunked_and_dense_match_float64(sigma, chunk):
+    from diffgen_fast.ops.softmax_denoise.naive import kde_log_density_naive, softmax_denoise_naive
+
+    x, y = _data(sigma=sigma)
+    ref, ref_lse = softmax_denoise_naive(x.double(), y.double(), sigma)
+    ref_kde = kde_log_density_naive(x.double(), y.double(), sigma)
+    out, lse = bench.chunked_softmax_denoise(x, y, sigma, chunk)
+    d_out, d_lse = bench.dense_softmax_denoise(x, y, sigma)
+    for o, l in ((out, lse), (d_out, d_lse)):
+        assert o.dtype == torch.float32 and l.dtype == torch.float32
+        torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=0)
+        torch.testing.assert_close(l.double(), ref_lse, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, d_out, atol=2e-5, rtol=0)
+    none, lse_only = bench.chunked_softmax_denoise(x, y, sigma, chunk, need_out=False)
+    assert none is None and torch.equal(lse_only, lse)
+    for kde in (bench.chunked_kde(x, y, sigma, chunk), bench.dense_kde(x, y, sigma)):
+        torch.testing.assert_close(kde.double(), ref_kde, atol=1e-4, rtol=1e-5)
+
+
+def test_knn_peers_match_float64():
+    from diffgen_fast.ops.knn.naive import knn_naive
+
+    x, y = _data(M=30, N=800, d=8)
+    r_d2, r_idx = knn_naive(x.double(), y.double(), 3)
+    results = [bench.dense_knn(x, y, 3), bench.dense_knn(x, y, 3, block=7)]
+    pytest.importorskip("faiss")
+    results.append(bench.faiss_knn(x.numpy(), y.numpy(), 3))
+    for d2, idx in results:
+        assert torch.equal(idx.long(), r_idx)
+        torch.testing.assert_close(d2.double(), r_d2, rtol=1e-4, atol=1e-5)
+
+
+def test_make_data_near_fraction():
+    x, y = bench.make_data(10, 50, 4, 1e-4, seed=1, near=0.5)
+    dmin = torch.cdist(x.double(), y.double()).min(1).values
+    near = dmin < 1e-2
+    assert near.tolist() == [True, False] * 5  # every other row is a noisy training point
+
+
+def test_calibrate_chunk_picks_a_candidate():
+    x, y = _data(M=8, N=3000, d=4)
+    best, times = bench.calibrate_chunk("denoise", x, y, 1.0, candidates=(256, 1024, 8192))
+    assert set(times) == {256, 1024, 3000}  # capped at N
+    assert best == min(times, key=times.get)
+    assert bench.calibrate_chunk("denoise", x, y, 1.0, candidates=(256, 1024, 8192)) == (best, times)  # cached
+
+
+def test_best_peer_ratio_is_against_the_fastest_valid_peer():
+    def row(impl, t, status="ok", **kw):
+        base = dict(op="denoise", M=4, N=5, d=6, sigma=1.0, device="cpu", impl=impl, backend="-", status=status,
+                    time_s=str(t), max_abs_err="1e-06", gflops="1.0")  # fmt: skip
+        return {**base, **kw}
+
+    rows = [
+        row("ours", 0.5, backend="cpu"),
+        row("ours", 4.0, backend="torch"),
+        row("dense", 3.0),
+        row("chunked", 2.0),
+        row("keops", "", status="not installed (ModuleNotFoundError)"),
+        row("fastbutwrong", 0.1, max_abs_err="nan"),  # wrong answers do not count
+        dict(row("dense", 0.01), sigma=80.0),  # another sigma: another group
+    ]
+    bench.add_best_peer(rows)
+    assert rows[0]["best_peer"] == "chunked" and rows[0]["best_peer_time_s"] == "2.0"
+    assert float(rows[0]["vs_best_peer"]) == pytest.approx(4.0)
+    assert float(rows[1]["vs_best_peer"]) == pytest.approx(0.5)
+    assert "vs_best_peer" not in rows[2]
+    md = bench.format_markdown(rows)
+    assert "| chunked |" in md and "**4x**" in md and "keops" in md
+
+
+def test_time_interleaved_rotates_and_drops_failures():
+    calls = []
+
+    def make(name):
+        return lambda i: calls.append((name, i))
+
+    def boom(i):
+        raise RuntimeError("no")
+
+    fns = {"a": make("a"), "b": make("b"), "c": make("c"), "bad": boom}
+    times, failed = bench.time_interleaved(fns, repeat=3, warmup=1, rotate=2)
+    assert set(failed) == {"bad"} and isinstance(failed["bad"], RuntimeError)
+    assert all(len(times[k]) == 3 for k in "abc") and times["bad"] == []
+    order = [n for n, _ in calls]
+    assert order[:3] == ["a", "b", "c"]  # round 0 (warm-up): a b c, then bad raises and is dropped
+    assert order[3:6] == ["b", "c", "a"]  # round 1: the order rotated by one place
+    assert order[6:9] == ["c", "a", "b"]  # round 2
+    assert order[9:] == ["a", "b", "c"]  # round 3
+    assert {i for _, i in calls} == {0, 1}  # input copies cycled
+
+
+def test_dense_skipped_over_the_memory_budget():
+    rows = bench.run_bench(ops=("denoise", "kde"), shapes=[(8, 400, 4)], backends=("torch",), precision=("exact",),
+                           peers=("dense", "chunked", "keops"), repeat=1, ceilings=CEILINGS,
+                           mem_budget=1000)  # fmt: skip
+    dense = [r for r in rows if r["impl"] == "dense"]
+    assert len(dense) == 2 and all(r["status"].startswith("skipped: needs") for r in dense)
+    keops = [r for r in rows if r["impl"] == "keops"]
+    assert all(r["status"] == "ok" or r["status"].startswith("not installed") for r in keops)
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert all(r["best_peer"] in ("chunked", "keops") for r in ours)
+
+
+def test_knn_on_a_memory_mapped_npy(tmp_path):
+    path = bench.make_npy(tmp_path / "y.npy", 3000, 8)
+    rows = bench.run_bench(ops=("knn",), shapes=[(20, 3000, 8)], backends=("cpu", "torch"), peers=("faiss", "dense"),
+                           k=2, repeat=1, ceilings=CEILINGS, train_npy=path)  # fmt: skip
+    assert {r["impl"] for r in rows} == {"ours", "faiss", "dense"}
+    for r in rows:
+        if r["status"].startswith("unavailable"):
+            continue
+        assert r["status"] == "ok" and r["train"] == "npy memmap" and int(r["knn_mismatch"]) == 0, r
+        if r["impl"] == "ours":
+            assert r["best_peer"] in ("faiss", "dense") and float(r["vs_best_peer"]) > 0
+
+
+def test_cli_bench_help_renders_paragraphs():
+    from click.testing import CliRunner
+
+    from diffgen_fast.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--help"])
+    assert r.exit_code == 0
+    assert "\\b" not in r.output and "\b" not in r.output
+    lines = r.output.splitlines()
+    ex = [ln.strip() for ln in lines if ln.strip().startswith("diffgen-fast bench")]
+    assert len(ex) == 3, r.output  # one example per line, not run together
+    assert "--sigma" in r.output and "--threads" in r.output
