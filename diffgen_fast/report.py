@@ -141,7 +141,19 @@ def _new_figure(width: float, height: float):
     return fig
 
 
+def _provenance() -> str:
+    """'diffgen-fast VERSION, git SHA, DATE': stamped in the corner of every figure the toolkit writes."""
+    import datetime as _dt
+
+    from diffgen_fast import __version__
+
+    sha = _git_sha()
+    day = _dt.date.today().isoformat()
+    return f"diffgen-fast {__version__}" + (f" @ {sha[:10]}" if sha else "") + f", {day}"
+
+
 def _save_figure(fig, path: PathLike) -> Path:
+    fig.text(0.995, 0.003, _provenance(), ha="right", va="bottom", fontsize=6, color="0.45")
     with _atomic_target(path) as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor="white")
     return Path(path)

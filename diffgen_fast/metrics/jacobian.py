@@ -228,7 +228,7 @@ def analyze_jacobian(
         "sigma": sig,
         "denoisers": {},
         "settings": {
-            "k": k, "n_points": n_points, "seed": seed, "n_train": len(ts), "d": ts.d,
+            "k": k, "n_points": n_points, "seed": seed, "n_train": len(ts), "d": ts.d, "data": ts.source,
             "probes": "x = y + sigma n, y drawn from the training set (the same for every denoiser)",
             "effective_rank": "tr J / lambda_max (exact trace for D*, Hutchinson with 32 probes otherwise)",
             "eigenpairs": "top k of the symmetric part (J + J^T)/2 by Lanczos (scipy eigsh)",
@@ -306,6 +306,6 @@ def _plot_jacobian(result: dict, path) -> Any:
     ax2.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=6, ncol=2)
     st = result["settings"]
-    fig.suptitle(f"Denoiser Jacobian spectra, N={st['n_train']}, d={st['d']}, {st['n_points']} probes per sigma",
-                 fontsize=11)  # fmt: skip
+    fig.suptitle(f"Denoiser Jacobian spectra on {st.get('data', 'the training set')} (N={st['n_train']}, d={st['d']}), "
+                 f"{st['n_points']} probes per sigma", fontsize=11)  # fmt: skip
     return _save_figure(fig, path)
