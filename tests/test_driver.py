@@ -13,7 +13,6 @@ import diffgen_fast
 from diffgen_fast import TrainingSet, kde_log_density, softmax_denoise
 from diffgen_fast.ops import driver, refine
 from diffgen_fast.ops.merge import finalize_softmax_state, merge_softmax_states, merge_topk
-
 from tests.helpers import make_problem
 
 
@@ -130,7 +129,9 @@ def test_fullgraph_compile_of_the_public_op_equals_eager(backend):
     x, Y = make_problem(6, 240, 5, seed=2, sigma=0.5)
     f = torch.compile(lambda x: softmax_denoise(x, Y, 0.5, backend=backend), backend="eager", fullgraph=True)
     torch.testing.assert_close(f(x), softmax_denoise(x, Y, 0.5, backend=backend), rtol=0, atol=0)
-    g = torch.compile(lambda x: softmax_denoise(x, Y, 0.5, backend=backend, return_stats=True), backend="eager", fullgraph=True)
+    g = torch.compile(
+        lambda x: softmax_denoise(x, Y, 0.5, backend=backend, return_stats=True), backend="eager", fullgraph=True
+    )
     for got, ref in zip(g(x), softmax_denoise(x, Y, 0.5, backend=backend, return_stats=True)):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     h = torch.compile(lambda x: kde_log_density(x, Y, 0.3, backend=backend), backend="eager", fullgraph=True)
