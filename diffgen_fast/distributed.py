@@ -31,7 +31,7 @@ import torch.distributed as dist
 from diffgen_fast.data import TrainingSet
 from diffgen_fast.errors import DiffgenError, InputError, InputTypeError
 from diffgen_fast.metrics.memorization import MemorizationResult
-from diffgen_fast.ops import dispatch
+from diffgen_fast.ops import dispatch, driver
 from diffgen_fast.ops._checks import acc_dtype, check_precision, check_queries, per_query
 from diffgen_fast.ops._prepare import back
 from diffgen_fast.ops.merge import SoftmaxState, finalize_softmax_state, merge_softmax_states, select_topk
@@ -335,47 +335,43 @@ def _prepare_queries(x: Any, sharded: ShardedTrainingSet, name: str):
     return xt, xt.reshape(M, d).contiguous(), was_np
 
 
-def _local_softmax(x2, sharded, s, a, backend, precision, need_out) -> torch.Tensor:
-    """This shard's partial state packed as [M, 5 + d] float64: (flag, m, l, q, top weight, o).
+_STATE_COLS = 4  # packed state: error flag, m, l, q, then o
 
-    The finalized shard result (out, lse, top_weight, n_eff) is an exact state with m = lse, l = 1, q = 1 / n_eff,
-    o = out; the top weight is carried separately (relative to lse). An empty shard packs the empty state.
+
+def _local_softmax(x2, sharded, s, a, backend, precision, need_out) -> torch.Tensor:
+    """This shard's softmax state from the driver, packed as [M, 4 + d] float64: (flag, m, l, q, o).
+
+    The state is the one every backend's partials merge into (diffgen_fast.ops.driver.softmax_state), not finalised;
+    an empty shard packs the empty state (m = -inf, l = q = 0, o = 0), the identity of the merge.
     """
     M, d = x2.shape
-    cols = 5 + (d if need_out else 0)
+    cols = _STATE_COLS + (d if need_out else 0)
     packed = torch.zeros(M, cols, dtype=torch.float64, device=x2.device)
     packed[:, 1] = float("-inf")
     local = sharded.local
     if local is None:
         return packed
     local.check_finite()
-    _, impl = dispatch.resolve("softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, local.dtype), d=d)
+    name, _ = dispatch.resolve("softmax_denoise", backend, x2.device, torch.promote_types(x2.dtype, local.dtype), d=d)
+    state = driver.softmax_state(
+        name, x2, local, s, a, precision=precision if need_out else "exact", need_out=need_out
+    )
+    packed[:, 1] = state.m.to(torch.float64)
+    packed[:, 2] = state.l.to(torch.float64)
+    packed[:, 3] = state.q.to(torch.float64)
     if need_out:
-        res: DenoiseResult = impl(x2, local, s, a, precision=precision)
-    else:
-        res = impl(x2, local, s, a, precision="exact", need_out=False)
-    packed[:, 1] = res.lse.to(torch.float64)
-    packed[:, 2] = 1.0
-    packed[:, 3] = 1.0 / res.n_eff.to(torch.float64)
-    packed[:, 4] = res.top_weight.to(torch.float64)
-    if need_out:
-        packed[:, 5:] = res.denoised.to(torch.float64)
+        packed[:, _STATE_COLS:] = state.o.to(torch.float64)
     return packed
 
 
 def _merge_packed_softmax(allp: torch.Tensor, need_out: bool):
-    """[world, M, 5 + d] gathered states -> (out [M, d] float64 or None, lse, top_weight, n_eff), merged in rank
-    order with merge_softmax_states."""
+    """[world, M, 4 + d] gathered states -> (out [M, d] float64 or None, lse, top_weight, n_eff), merged in rank
+    order with merge_softmax_states and finalised with finalize_softmax_state, as in the single-process driver."""
     state = None
     for p in allp:
-        st = SoftmaxState(p[:, 1], p[:, 2], p[:, 3], p[:, 5:] if need_out else None)
+        st = SoftmaxState(p[:, 1], p[:, 2], p[:, 3], p[:, _STATE_COLS:] if need_out else None)
         state = st if state is None else merge_softmax_states(state, st)
-    out, lse, _, n_eff = finalize_softmax_state(state)
-    # top weight of the union: max over ranks of (rank's top weight) * exp(lse_r - lse)
-    lse_r = allp[:, :, 1]
-    scale = torch.where(torch.isneginf(lse_r), torch.zeros_like(lse_r), torch.exp(lse_r - lse[None, :]))
-    top_w = (allp[:, :, 4] * scale).max(dim=0).values
-    return out, lse, top_w, n_eff
+    return finalize_softmax_state(state)
 
 
 def _meta_fp(x2: torch.Tensor, n_fp: int) -> torch.Tensor:
@@ -419,7 +415,7 @@ def _run_softmax(x, sharded, params, names, backend, precision, need_out, check_
     comm = sharded._comm
     xt, x2, was_np, per = _front(comm, x, sharded, params, names, "x", check_queries_)
     M, d = x2.shape
-    cols = 5 + (d if need_out else 0)
+    cols = _STATE_COLS + (d if need_out else 0)
     packed = torch.zeros(1 + M, cols, dtype=torch.float64, device=x2.device)
     error = None
     try:
@@ -519,11 +515,11 @@ def _knn_impl(queries, sharded, k, backend, check_queries_):
         local = sharded.local
         if local is not None:
             local.check_finite()
-            name, impl = dispatch.resolve("knn", backend, x2.device)
+            name, _ = dispatch.resolve("knn", backend, x2.device)
             if name == "faiss":
-                name, impl = dispatch.resolve("knn", "torch", x2.device)
+                name = "torch"
             kk = min(k, len(local))
-            d2, idx = impl(x2, local, kk)
+            d2, idx = driver.topk_state(name, x2, local, kk)  # this shard's top-k state
             packed[1:, 1 : 1 + kk] = d2.to(device=x2.device, dtype=torch.float64)
             packed[1:, 1 + k : 1 + k + kk] = (idx.to(x2.device) + sharded.start).to(torch.float64)
     except Exception as e:

@@ -258,4 +258,4 @@ def test_custom_op_passes_opcheck():
     from diffgen_fast.ops.knn import native  # noqa: F401  (registers the op)
 
     x, y = make_problem(6, 50, 5, seed=3)
-    torch.library.opcheck(torch.ops.diffgen_fast.knn_topk_cpu, (x, y, 4, 7))
+    torch.library.opcheck(torch.ops.diffgen_fast.knn_partial_cpu, (x, y, 4, 7))

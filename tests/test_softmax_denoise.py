@@ -149,14 +149,16 @@ def test_exact_paths_sparse_candidates_and_float64_fallback(monkeypatch, sigma, 
     """fp32 "exact" takes the fp32-candidates + float64-differences path when few points carry the mass, and the
     float64 GEMM otherwise; both must match the brute force."""
     taken = []
-    real = reference._sparse_exact_tile
+    from diffgen_fast.ops import refine
+
+    real = refine.candidate_state
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(reference, "_sparse_exact_tile", spy)
+    monkeypatch.setattr(refine, "candidate_state", spy)
     x, y = make_problem(12, 400, d, seed=17, scale=scale, near=1.0, sigma=sigma)
     out, lse = softmax_denoise(x, y, sigma, return_lse=True, backend="torch", precision="exact")
     ref, ref_lse = softmax_denoise_naive(x, y, sigma)
@@ -164,7 +166,7 @@ def test_exact_paths_sparse_candidates_and_float64_fallback(monkeypatch, sigma, 
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-5)
     # forcing the float64 GEMM gives the same answer
-    monkeypatch.setattr(reference, "N_REFINE", 0)
+    monkeypatch.setattr(refine, "N_REFINE", 0)
     out2, lse2 = softmax_denoise(x, y, sigma, return_lse=True, backend="torch", precision="exact")
     torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse2, lse, rtol=1e-7, atol=1e-6)

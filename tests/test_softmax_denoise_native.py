@@ -173,10 +173,16 @@ def test_custom_op_traces_with_torch_compile_shapes():
     x, y = make_problem(4, 50, 3, seed=0, sigma=0.2)
     s = torch.full((4,), 0.2, dtype=torch.float64)
     a = torch.ones(4, dtype=torch.float64)
-    out, lse = torch.ops.diffgen_fast.softmax_denoise_cpu(x, y, s, a, "exact")
+    import diffgen_fast.ops.softmax_denoise.native  # noqa: F401  (registers the op)
+    from diffgen_fast.ops.merge import SoftmaxState, finalize_softmax_state
+
+    m, l, q, o = torch.ops.diffgen_fast.softmax_partial_cpu(x, y, s, a, "exact", True)
+    out, lse, _, _ = finalize_softmax_state(SoftmaxState(m, l, q, o))
     ref, ref_lse = softmax_denoise_naive(x, y, 0.2)
     assert float((out.double() - ref).abs().max()) <= 2e-5
-    torch.library.opcheck(torch.ops.diffgen_fast.softmax_denoise_cpu, (x, y, s, a, "exact"))
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=1e-6)
+    for need_out in (True, False):
+        torch.library.opcheck(torch.ops.diffgen_fast.softmax_partial_cpu, (x, y, s, a, "exact", need_out))
 
 
 def test_package_works_without_the_extension():

@@ -39,9 +39,23 @@ def checks_enabled() -> bool:
     return os.environ.get("DIFFGEN_FAST_CHECK_FINITE", "1") != "0"
 
 
+def compiling() -> bool:
+    """True while torch.compile traces: value checks then become graph-safe asserts (no data-dependent guard)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def graph_assert(ok: torch.Tensor, message: str) -> None:
+    """The traced form of a value check: fails at run time with `message` (a RuntimeError, not an InputError)."""
+    torch._assert_async(ok, message)
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise if t holds NaN or Inf (one fused reduction; skipped when DIFFGEN_FAST_CHECK_FINITE=0)."""
     if not checks_enabled() or t.numel() == 0:
+        return
+    if compiling():
+        graph_assert(torch.isfinite(t).all(), f"{name}: contains NaN or Inf; expected finite values")
         return
     if not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero()
@@ -85,9 +99,13 @@ def per_query(
         t = t.reshape(M)
     else:
         raise InputError(f"{name}: expected a scalar or {M} values (one per query), got shape {tuple(value.shape)}")
-    if not bool(torch.isfinite(t).all()):
+    if compiling():
+        graph_assert(torch.isfinite(t).all(), f"{name}: contains NaN or Inf; expected finite values")
+        if positive and M:
+            graph_assert((t > 0).all(), f"{name}: expected values > 0")
+    elif not bool(torch.isfinite(t).all()):
         raise InputError(f"{name}: contains NaN or Inf; expected finite values")
-    if positive and M and not bool((t > 0).all()):
+    elif positive and M and not bool((t > 0).all()):
         raise InputError(f"{name}: expected values > 0, got min {float(t.min()):g}")
     if keep_grad and value.requires_grad and torch.is_grad_enabled():
         return value.to(device=device, dtype=torch.float64).reshape(-1).expand(M) if value.numel() == 1 else (

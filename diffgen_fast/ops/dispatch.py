@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from diffgen_fast.errors import BackendUnavailableError, InputError
+from diffgen_fast.ops._checks import compiling
 
 log = logging.getLogger("diffgen_fast.dispatch")
 
@@ -103,7 +104,8 @@ def resolve(
                 and _auto_candidate(op, name, device, dtype, d)
                 and _reason(op, name, device) is None
             ):
-                log.debug("%s: auto picked backend %r on %s", op, name, device)
+                if not compiling():  # a logging call is a graph break under torch.compile
+                    log.debug("%s: auto picked backend %r on %s", op, name, device)
                 return name, _REGISTRY[op][name].load()
         raise BackendUnavailableError(f"{op}: no backend can run on device {device}")  # torch always can
     why = _reason(op, backend, device)

@@ -15,27 +15,6 @@ import torch
 
 from diffgen_fast import _native
 from diffgen_fast.ops._profile import pass_range
-from diffgen_fast.ops.merge import merge_topk
-
-
-def _knn_chunk(x: torch.Tensor, y: torch.Tensor, k: int, index_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _native.knn_topk(x, y, k, index_offset=index_offset)
-
-
-if hasattr(torch.library, "custom_op"):  # torch >= 2.4: torch.compile traces through the kernel
-
-    @torch.library.custom_op("diffgen_fast::knn_topk_cpu", mutates_args=())
-    def knn_topk_cpu(x: torch.Tensor, y: torch.Tensor, k: int, index_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sqdist [M, k] float64, index [M, k] int64) of x [M, d] among the rows of y [n, d] (same float dtype),
-        indices offset by index_offset; exact, ascending, ties by index."""
-        return _knn_chunk(x, y, k, index_offset)
-
-    @knn_topk_cpu.register_fake
-    def _(x, y, k, index_offset):
-        return x.new_empty(x.shape[0], k, dtype=torch.float64), x.new_empty(x.shape[0], k, dtype=torch.int64)
-
-else:  # pragma: no cover - older torch
-    knn_topk_cpu = _knn_chunk
 
 
 def probe(device: Optional[torch.device]) -> Optional[str]:
@@ -48,24 +27,51 @@ def probe(device: Optional[torch.device]) -> Optional[str]:
     return None
 
 
+def _dtype(x_dtype: torch.dtype, y_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x_dtype, y_dtype) else torch.float32
+
+
+def _check(x, train, k) -> None:
+    why = probe(x.device)
+    if why is not None:
+        from diffgen_fast.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"backend='cpu': {why}")
+
+
+def partial_topk_cpu(x: torch.Tensor, Y: torch.Tensor, k: int, index_offset: int = 0):
+    """The exact top-k of x [M, d] among the CPU chunk Y [n, d] (both promoted to one dtype) with the native kernel:
+    (sqdist [M, k] float64, index + index_offset [M, k] int64), ascending by (distance, index)."""
+    dtype = _dtype(x.dtype, Y.dtype)
+    xc = x.detach().to(device="cpu", dtype=dtype).contiguous()
+    with pass_range("cpu.knn_chunk"):
+        return _native.knn_topk(xc, Y.to(dtype).contiguous(), k, index_offset=index_offset)
+
+
 def knn_cpu(x: torch.Tensor, train, k: int, *, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, d] floating CPU tensor; train: TrainingSet. Returns (sqdist [M, k] float64, index [M, k] int64),
-    ascending by (distance, index). chunk_size: training rows per kernel call (None: the TrainingSet default)."""
-    M = x.shape[0]
-    dtype = torch.float64 if torch.float64 in (x.dtype, train.dtype) else torch.float32
-    xc = x.detach().to(device="cpu", dtype=dtype).contiguous()
-    best_d: Optional[torch.Tensor] = None
-    best_i: Optional[torch.Tensor] = None
-    for start, Y in train.iter_chunks(chunk_size, device="cpu", dtype=dtype):
-        with pass_range("cpu.knn_chunk"):
-            dk, ik = knn_topk_cpu(xc, Y, min(k, Y.shape[0]), start)
-        if best_d is None or best_i is None:
-            best_d, best_i = dk, ik
-        else:
-            best_d, best_i = merge_topk(best_d, best_i, dk, ik, k)
-    if best_d is None or best_i is None:  # an empty training set never reaches here (knn checks), kept for safety
-        return torch.zeros(M, 0, dtype=torch.float64), torch.zeros(M, 0, dtype=torch.int64)
-    return best_d, best_i
+    ascending by (distance, index): the driver over partial_topk_cpu. chunk_size: training rows per kernel call
+    (None: the TrainingSet default)."""
+    from diffgen_fast.ops import driver
+
+    return driver.topk_state("cpu", x, train, k, chunk_size=chunk_size)
 
 
-__all__ = ["knn_cpu", "knn_topk_cpu", "probe"]
+def _register():
+    from diffgen_fast.ops import driver
+
+    return driver.register_topk(
+        driver.TopkBackend(
+            name="cpu",
+            partial_topk=partial_topk_cpu,
+            chunk_size=lambda M, d, k: None,
+            chunk_dtype=_dtype,
+            check=_check,
+        )
+    )
+
+
+knn_topk_cpu = knn_partial_cpu_op = _register().op  # torch.ops.diffgen_fast.knn_partial_cpu
+
+
+__all__ = ["knn_cpu", "partial_topk_cpu", "knn_topk_cpu", "knn_partial_cpu_op", "probe"]

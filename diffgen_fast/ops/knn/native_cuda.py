@@ -28,7 +28,7 @@ import torch
 
 from diffgen_fast import _native_cuda
 from diffgen_fast.errors import BackendUnavailableError
-from diffgen_fast.ops.merge import merge_topk, select_topk
+from diffgen_fast.ops.merge import select_topk
 
 MAX_K = 1024  # largest k the kernels serve; larger k runs the torch reference
 SELECT_MAX_K = _native_cuda.SELECT_MAX_K
@@ -92,34 +92,63 @@ def _tile_topk(xb: torch.Tensor, Y: torch.Tensor, kk: int, divisor: float, abs_e
         kc = min(n, SELECT_MAX_K, 4 * kc)
 
 
-def knn_cuda(x: torch.Tensor, train, k: int, *, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, d] floating CUDA tensor; train: TrainingSet. Returns (sqdist [M, k] float64, index [M, k] int64)."""
+def _kdt(x_dtype: torch.dtype, y_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x_dtype, y_dtype) else torch.float32
+
+
+def _check(x, train, k) -> None:
     why = probe(x.device)
     if why is not None:
         raise BackendUnavailableError(f"backend='cuda': {why}")
-    if k > MAX_K:
-        from diffgen_fast.ops.knn.reference import knn_torch
 
-        return knn_torch(x, train, k, chunk_size=chunk_size)
+
+def _chunk_size(M: int, d: int, k: int) -> int:
+    return max(1, min(1 << 24, _CHUNK_BYTES // (8 * max(d, 1))))
+
+
+def partial_topk_cuda(x: torch.Tensor, Y: torch.Tensor, k: int, index_offset: int = 0):
+    """The exact top-k of the CUDA queries x [M, d] among the chunk Y [n, d] (tiles of the direct-difference kernel,
+    float64 re-rank, certified; k > MAX_K: the torch reference's partial): (sqdist float64, index + offset int64)."""
+    if k > MAX_K:
+        from diffgen_fast.ops.knn.reference import partial_topk_torch
+
+        return partial_topk_torch(x, Y, k, index_offset)
     M, d = x.shape
-    dev = x.device
-    kdt = torch.float64 if torch.float64 in (x.dtype, train.dtype) else torch.float32
+    kdt = _kdt(x.dtype, Y.dtype)
     xk = x.to(kdt).contiguous()
+    Y = Y.to(kdt).contiguous()
     divisor, abs_err = certified_bound_factors(d, kdt)
-    best_d = torch.empty(M, 0, dtype=torch.float64, device=dev)
-    best_i = torch.empty(M, 0, dtype=torch.int64, device=dev)
-    if M == 0:
-        return torch.zeros(0, k, dtype=torch.float64, device=dev), torch.zeros(0, k, dtype=torch.int64, device=dev)
-    esize = 8 if kdt == torch.float64 else 4
-    chunk = chunk_size or max(1, min(1 << 24, _CHUNK_BYTES // (esize * max(d, 1))))
-    for start, Y in train.iter_chunks(chunk, device=dev, dtype=kdt):
-        n = Y.shape[0]
-        kk = min(k, n)
-        mb = max(1, min(M, _TILE_ELEMS // n))
-        parts_d, parts_i = [], []
-        for r0 in range(0, M, mb):
-            dk, ik = _tile_topk(xk[r0 : r0 + mb], Y, kk, divisor, abs_err)
-            parts_d.append(dk)
-            parts_i.append(ik + start)
-        best_d, best_i = merge_topk(best_d, best_i, torch.cat(parts_d), torch.cat(parts_i), k)
-    return best_d, best_i
+    n = Y.shape[0]
+    kk = min(k, n)
+    mb = max(1, min(M, _TILE_ELEMS // n))
+    parts_d, parts_i = [], []
+    for r0 in range(0, M, mb):
+        dk, ik = _tile_topk(xk[r0 : r0 + mb], Y, kk, divisor, abs_err)
+        parts_d.append(dk)
+        parts_i.append(ik + index_offset)
+    return torch.cat(parts_d), torch.cat(parts_i)
+
+
+def knn_cuda(x: torch.Tensor, train, k: int, *, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, d] floating CUDA tensor; train: TrainingSet. Returns (sqdist [M, k] float64, index [M, k] int64): the
+    driver over partial_topk_cuda."""
+    from diffgen_fast.ops import driver
+
+    return driver.topk_state("cuda", x, train, k, chunk_size=chunk_size)
+
+
+def _register():
+    from diffgen_fast.ops import driver
+
+    return driver.register_topk(
+        driver.TopkBackend(
+            name="cuda",
+            partial_topk=partial_topk_cuda,
+            chunk_size=_chunk_size,
+            chunk_dtype=_kdt,
+            check=_check,
+        )
+    )
+
+
+knn_partial_cuda_op = _register().op  # torch.ops.diffgen_fast.knn_partial_cuda

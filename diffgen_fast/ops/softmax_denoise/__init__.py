@@ -9,8 +9,8 @@ import torch
 
 from diffgen_fast.errors import InputError
 from diffgen_fast.ops import dispatch
-from diffgen_fast.ops._checks import check_precision, per_query
-from diffgen_fast.ops._prepare import back, prepare
+from diffgen_fast.ops._checks import check_precision, compiling, graph_assert, per_query
+from diffgen_fast.ops._prepare import TensorChunks, back, prepare
 from diffgen_fast.ops.softmax_denoise.autograd import differentiable_call, needs_grad
 from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult, softmax_denoise_diff64
 
@@ -65,6 +65,9 @@ def _check_f32(v: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     if dtype != torch.float32:
         return
     over = torch.isfinite(v) & (v.abs() > torch.finfo(torch.float32).max)
+    if compiling():
+        graph_assert(~over.any(), f"x: the {what} of some rows exceeds float32's range; pass float64 inputs")
+        return
     if bool(over.any()):
         raise InputError(
             f"x: the {what} of rows {_rows_text(over.nonzero().squeeze(1))} exceeds float32's range (float32 "
@@ -72,11 +75,49 @@ def _check_f32(v: torch.Tensor, dtype: torch.dtype, what: str) -> None:
         )
 
 
+def _train_tensor(ts) -> torch.Tensor:
+    """The training set as one [N, d] tensor (a view: nothing is read until the guard touches rows)."""
+    if isinstance(ts, TensorChunks):
+        return ts.tensor.reshape(len(ts), ts.d)
+    return ts.flat()
+
+
+def _guard_op_impl(x, y, s, a, den, lse, top_w, n_eff, need_out: bool):
+    res = DenoiseResult(den if need_out else None, lse, top_w, n_eff)
+    fixed = _guard(res, x, TensorChunks(y), s, a, need_out)
+    out = fixed.denoised if need_out else den
+    return tuple(t.clone() for t in (out, fixed.lse, fixed.top_weight, fixed.n_eff))
+
+
+if hasattr(torch.library, "custom_op"):
+    # _guard as one graph node: what torch.compile traces in place of the Python-level row selection
+    _guard_op = torch.library.custom_op(
+        "diffgen_fast::softmax_guard",
+        _guard_op_impl,
+        mutates_args=(),
+        schema="(Tensor x, Tensor y, Tensor sigma, Tensor alpha, Tensor den, Tensor lse, Tensor top_weight, "
+        "Tensor n_eff, bool need_out) -> (Tensor, Tensor, Tensor, Tensor)",
+    )
+
+    @_guard_op.register_fake
+    def _(x, y, s, a, den, lse, top_w, n_eff, need_out):
+        return torch.empty_like(den), torch.empty_like(lse), torch.empty_like(top_w), torch.empty_like(n_eff)
+
+else:  # pragma: no cover - torch < 2.4
+    _guard_op = _guard_op_impl
+
+
 def _guarded(impl):
-    """impl with _guard applied to its result (the same signature)."""
+    """impl with _guard applied to its result (the same signature); under torch.compile, through the guard op."""
 
     def run(x, ts, s, a, *, precision, need_out=True):
-        return _guard(impl(x, ts, s, a, precision=precision, need_out=need_out), x, ts, s, a, need_out)
+        res = impl(x, ts, s, a, precision=precision, need_out=need_out)
+        if not compiling():
+            return _guard(res, x, ts, s, a, need_out)
+        den = res.denoised if need_out else x.new_zeros(x.shape[0], 0)
+        out, lse, top_w, n_eff = _guard_op(x, _train_tensor(ts), s, a, den, res.lse, res.top_weight, res.n_eff,
+                                           need_out)  # fmt: skip
+        return DenoiseResult(out if need_out else None, lse, top_w, n_eff)
 
     return run
 

@@ -30,7 +30,7 @@ import torch
 
 from diffgen_fast import _native_cuda
 from diffgen_fast.errors import BackendUnavailableError
-from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state, finalize_softmax_state, merge_softmax_states
+from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state
 from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult
 
 MAX_D = _native_cuda.SOFTMAX_MAX_D
@@ -59,6 +59,61 @@ def merge_splits(m: torch.Tensor, l: torch.Tensor, q: torch.Tensor, o: Optional[
     return SoftmaxState(mx, (l * sc).sum(dim=0), (q * sc * sc).sum(dim=0), out)
 
 
+def _check(x: torch.Tensor, train=None) -> None:
+    why = probe(x.device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend='cuda': {why}")
+    d = x.shape[1]
+    if d > MAX_D:
+        raise BackendUnavailableError(
+            f"backend='cuda' runs softmax_denoise / kde_log_density only for d <= {MAX_D} (its small-d fused kernel), "
+            f"got d = {d}; use backend='triton', 'cpu' or 'torch'"
+        )
+
+
+def _max_splits(M: int, d: int, need_out: bool) -> int:
+    return max(1, min(65535, _PARTIAL_ELEMS // (max(M, 1) * (d if need_out else 1))))
+
+
+def _chunk_size(M: int, d: int, precision: str, need_out: bool) -> int:
+    cap = FAST_SPLIT_CAP if precision == "fast" else EXACT_SPLIT_CAP
+    return max(MIN_SPLIT, min(1 << 24, _max_splits(M, d, need_out) * cap, _CHUNK_BYTES // (4 * d)))
+
+
+def partial_cuda(
+    x: torch.Tensor,
+    Y: torch.Tensor,
+    sigma: torch.Tensor,
+    alpha: torch.Tensor,
+    precision: str = "auto",
+    need_out: bool = True,
+    *,
+    splits: Optional[int] = None,
+) -> SoftmaxState:
+    """The softmax state (float64) of the CUDA queries x [M, d <= 64] over the training chunk Y [n, d] with the
+    fused small-d kernel; "auto" is "exact". splits forces the number of N splits (tests)."""
+    _check(x)
+    M, d = x.shape
+    dev = x.device
+    if M == 0 or Y.shape[0] == 0:
+        return empty_softmax_state(M, d if need_out else None, dtype=torch.float64, device=dev)
+    xk = x.to(torch.float32).contiguous()
+    Y = Y.to(torch.float32).contiguous()
+    alpha64 = alpha.to(device=dev, dtype=torch.float64).contiguous()
+    sigma64 = sigma.to(device=dev, dtype=torch.float64)
+    inv2s2 = (0.5 / (sigma64 * sigma64)).contiguous()
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    m_blocks = -(-M // THREADS)
+    n = Y.shape[0]
+    exact = precision != "fast"
+    s = splits or _n_splits(n, m_blocks, sms, EXACT_SPLIT_CAP if exact else FAST_SPLIT_CAP,
+                            _max_splits(M, d, need_out))  # fmt: skip
+    per = -(-n // s)
+    s = -(-n // per)
+    m, l, q, o = _native_cuda.softmax_state(xk, Y, alpha64, inv2s2, s, per, exact=exact, need_out=need_out)
+    return merge_splits(m, l, q, o if need_out else None)
+
+
 def softmax_denoise_cuda(
     x: torch.Tensor,
     train,
@@ -70,42 +125,35 @@ def softmax_denoise_cuda(
     chunk_size: Optional[int] = None,
     splits: Optional[int] = None,
 ) -> DenoiseResult:
-    """Softmax-weighted denoiser on CUDA tensors with d <= 64.
+    """Softmax-weighted denoiser on CUDA tensors with d <= 64: the driver over partial_cuda.
 
     x: [M, d]; train: TrainingSet with train.d == d; sigma, alpha: [M] float64 on x.device. chunk_size: training rows
     per chunk streamed to the GPU; splits forces the number of N splits per chunk (tests).
     """
-    why = probe(x.device)
-    if why is not None:
-        raise BackendUnavailableError(f"backend='cuda': {why}")
-    M, d = x.shape
-    if d > MAX_D:
-        raise BackendUnavailableError(
-            f"backend='cuda' runs softmax_denoise / kde_log_density only for d <= {MAX_D} (its small-d fused kernel), "
-            f"got d = {d}; use backend='triton', 'cpu' or 'torch'"
+    from diffgen_fast.ops import driver
+
+    options = {} if splits is None else {"splits": splits}
+    return driver.denoise("cuda", x, train, sigma, alpha, precision=precision, need_out=need_out,
+                          chunk_size=chunk_size, **options)  # fmt: skip
+
+
+def _register():
+    from diffgen_fast.ops import driver
+
+    return driver.register_softmax(
+        driver.SoftmaxBackend(
+            name="cuda",
+            partial=partial_cuda,
+            o_dtype=lambda xd, yd, precision: torch.float64,
+            out_dtype=lambda xd, td: torch.float32,
+            chunk_size=_chunk_size,
+            chunk_dtype=lambda xd, td: torch.float32,
+            check=_check,
         )
-    dev = x.device
-    xk = x.to(torch.float32).contiguous()
-    alpha64 = alpha.to(device=dev, dtype=torch.float64).contiguous()
-    sigma64 = sigma.to(device=dev, dtype=torch.float64)
-    inv2s2 = (0.5 / (sigma64 * sigma64)).contiguous()
-    state = empty_softmax_state(M, d if need_out else None, dtype=torch.float64, device=dev)
-    if M > 0:
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        m_blocks = -(-M // THREADS)
-        max_splits = max(1, min(65535, _PARTIAL_ELEMS // (M * (d if need_out else 1))))
-        cap = FAST_SPLIT_CAP if precision == "fast" else EXACT_SPLIT_CAP
-        chunk = chunk_size or max(MIN_SPLIT, min(1 << 24, max_splits * cap, _CHUNK_BYTES // (4 * d)))
-        for _, Y in train.iter_chunks(chunk, device=dev, dtype=torch.float32):
-            n = Y.shape[0]
-            exact = precision != "fast"
-            s = splits or _n_splits(n, m_blocks, sms, EXACT_SPLIT_CAP if exact else FAST_SPLIT_CAP, max_splits)
-            per = -(-n // s)
-            s = -(-n // per)
-            m, l, q, o = _native_cuda.softmax_state(xk, Y, alpha64, inv2s2, s, per, exact=exact, need_out=need_out)
-            state = merge_softmax_states(state, merge_splits(m, l, q, o if need_out else None))
-    out, lse, top_w, n_eff = finalize_softmax_state(state)
-    return DenoiseResult(out.to(torch.float32) if need_out else None, lse, top_w, n_eff)
+    )
 
 
-__all__ = ["softmax_denoise_cuda", "probe", "merge_splits"]
+softmax_partial_cuda_op = _register().op  # torch.ops.diffgen_fast.softmax_partial_cuda
+
+
+__all__ = ["softmax_denoise_cuda", "partial_cuda", "softmax_partial_cuda_op", "probe", "merge_splits"]

@@ -31,9 +31,11 @@ from typing import Optional
 
 import torch
 
+from diffgen_fast.ops import refine
 from diffgen_fast.ops._profile import pass_range
-from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state, finalize_softmax_state, merge_softmax_states
-from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult, exact_sqdist_pairs
+from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state, merge_softmax_states
+from diffgen_fast.ops.refine import N_REFINE, REFINE_TOL, TAIL_NATS
+from diffgen_fast.ops.softmax_denoise.reference import DenoiseResult
 
 try:  # importable without triton; the backend's probe says why it cannot run
     import triton
@@ -45,9 +47,6 @@ except Exception as e:  # pragma: no cover - depends on the environment
     tl = None
     _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
 
-TAIL_NATS = 30.0  # a point outside the candidate window carries < e^-30 of the top weight
-N_REFINE = 1024  # most candidates per row and chunk recomputed as float64 differences
-REFINE_TOL = 1e-7  # certified logit error below which the fp32-accurate scores are kept as they are
 AUTO_TOL = 1e-3
 FUSED_MAX_D = 256
 _BUF_ELEMS = 1 << 26  # fp32 elements of the [M, Nc] score buffer of one chunk (256 MiB)
@@ -282,6 +281,58 @@ def _prec(precision: str, operand_dtype: torch.dtype, device: torch.device) -> s
     return "ieee" if device.type != "cuda" else "tf32x3"
 
 
+def _check(x: torch.Tensor, train=None) -> None:
+    why = probe(x.device)
+    if why is not None:
+        from diffgen_fast.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"backend='triton': {why}")
+
+
+def _chunk_size(M: int, d: int, precision: str, need_out: bool) -> int:
+    return max(1, min(_BUF_ELEMS // max(M, 1), (1 << 30) // (4 * max(d, 1))))
+
+
+def partial_triton(
+    x: torch.Tensor,
+    Y: torch.Tensor,
+    sigma: torch.Tensor,
+    alpha: torch.Tensor,
+    precision: str = "auto",
+    need_out: bool = True,
+    *,
+    fused: Optional[bool] = None,
+    splits: Optional[int] = None,
+) -> SoftmaxState:
+    """The softmax state (m, l, q float64; o float32) of x [M, d] (CUDA, or CPU under TRITON_INTERPRET=1) over the
+    training chunk Y [n, d]; sigma, alpha: [M] float64. "auto" is resolved per chunk by the verifier
+    (fast_logit_error against AUTO_TOL); fused / splits force the small-d fused kernel and the number of N splits
+    (tests)."""
+    _check(x)
+    M, d = x.shape
+    dev = x.device
+    inv2s2 = 0.5 / (sigma * sigma)
+    x64 = x.to(torch.float64)
+    xx = (x64 * x64).sum(dim=1)
+    xnorm = xx.sqrt()
+    kdtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    xk = x.to(kdtype).contiguous()
+    sx = (2.0 / alpha).to(torch.float32).contiguous()
+    c = (alpha * alpha * inv2s2).clamp(max=torch.finfo(torch.float32).max).to(torch.float32).contiguous()
+    yy64 = torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
+    if M == 0 or Y.shape[0] == 0:
+        return empty_softmax_state(M, d if need_out else None, dtype=torch.float32, device=dev)
+    if precision == "auto":
+        err = fast_logit_error(d, alpha, xnorm, float(yy64.max().sqrt()), inv2s2, kdtype)
+        precision = "fast" if bool((err <= AUTO_TOL).all()) else "exact"
+    use_fused = fused if fused is not None else (need_out and precision == "fast" and d <= FUSED_MAX_D)
+    Yk = Y.to(kdtype if Y.dtype != torch.float64 else torch.float32).contiguous()
+    if use_fused and d <= FUSED_MAX_D:
+        st = _fused_chunk(xk, Yk, yy64, sx, c, alpha, xx, inv2s2, precision, splits)
+        return st if need_out else SoftmaxState(st.m, st.l, st.q, None)
+    return _two_pass_chunk(xk, x64, Y, Yk, yy64, sx, c, alpha, xx, xnorm, sigma, inv2s2, precision, need_out, splits)
+
+
 def softmax_denoise_triton(
     x: torch.Tensor,
     train,
@@ -294,59 +345,25 @@ def softmax_denoise_triton(
     fused: Optional[bool] = None,
     splits: Optional[int] = None,
 ) -> DenoiseResult:
-    """Softmax-weighted denoiser on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
+    """Softmax-weighted denoiser on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1): the driver over
+    partial_triton.
 
     x: [M, d] float32/float16/bfloat16 (float64 is computed in float32); train: TrainingSet with train.d == d;
     sigma, alpha: [M] float64 on x.device. chunk_size bounds the training chunk (default: the [M, Nc] buffer holds
     _BUF_ELEMS); fused / splits force the small-d fused kernel and the number of N splits (tests).
     """
-    why = probe(x.device)
-    if why is not None:
-        from diffgen_fast.errors import BackendUnavailableError
+    from diffgen_fast.ops import driver
 
-        raise BackendUnavailableError(f"backend='triton': {why}")
-    M, d = x.shape
-    dev = x.device
-    inv2s2 = 0.5 / (sigma * sigma)
-    x64 = x.to(torch.float64)
-    xx = (x64 * x64).sum(dim=1)
-    xnorm = xx.sqrt()
-    kdtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    xk = x.to(kdtype).contiguous()
-    sx = (2.0 / alpha).to(torch.float32).contiguous()
-    c = (alpha * alpha * inv2s2).clamp(max=torch.finfo(torch.float32).max).to(torch.float32).contiguous()
-    if precision == "auto":
-        precision = _auto_precision(d, alpha, xnorm, train, inv2s2, kdtype)
-    state = empty_softmax_state(M, d if need_out else None, dtype=torch.float32, device=dev)
-    if M == 0:
-        return _finish(state, need_out)
-    chunk = chunk_size or max(1, min(_BUF_ELEMS // max(M, 1), (1 << 30) // (4 * max(d, 1))))
-    use_fused = fused if fused is not None else (need_out and precision == "fast" and d <= FUSED_MAX_D)
-    for _, Y in train.iter_chunks(chunk, device=dev):
-        Yk = Y.to(kdtype if Y.dtype != torch.float64 else torch.float32).contiguous()
-        yy64 = torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
-        if use_fused and d <= FUSED_MAX_D:
-            tile = _fused_chunk(xk, Yk, yy64, sx, c, alpha, xx, inv2s2, precision, splits)
-        else:
-            tile = _two_pass_chunk(
-                xk, x64, Y, Yk, yy64, sx, c, alpha, xx, xnorm, sigma, inv2s2, precision, need_out, splits
-            )
-        state = merge_softmax_states(state, tile)
-    return _finish(state, need_out)
+    options = {k: v for k, v in dict(fused=fused, splits=splits).items() if v is not None}
+    return driver.denoise("triton", x, train, sigma, alpha, precision=precision, need_out=need_out,
+                          chunk_size=chunk_size, **options)  # fmt: skip
 
 
-def _finish(state: SoftmaxState, need_out: bool) -> DenoiseResult:
-    out, lse, top_w, n_eff = finalize_softmax_state(state)
-    return DenoiseResult(out if need_out else None, lse, top_w, n_eff)
-
-
-def _auto_precision(d, alpha, xnorm, train, inv2s2, kdtype) -> str:
-    """Certified logit error of "fast": 2 a (2 u_in + d u_32) ||x|| max||y|| / (2 s^2), u_in = bf16 rounding of fp32
-    data (0 for data already in bf16/fp16: their products are exact in fp32)."""
+def fast_logit_error(d, alpha, xnorm, ymax: float, inv2s2, kdtype) -> torch.Tensor:
+    """The verifier of "fast": certified logit error 2 a (2 u_in + d u_32) ||x|| max||y|| / (2 s^2) per row, u_in =
+    bf16 rounding of fp32 data (0 for data already in bf16/fp16: their products are exact in fp32)."""
     u_in = _U_BF16 if kdtype == torch.float32 else 0.0
-    ymax = float(train.sqnorms().max().sqrt())
-    err = 2.0 * alpha * (2 * u_in + d * _U32) * xnorm * ymax * inv2s2
-    return "fast" if bool((err <= AUTO_TOL).all()) else "exact"
+    return 2.0 * alpha * (2 * u_in + d * _U32) * xnorm * ymax * inv2s2
 
 
 def _two_pass_chunk(
@@ -404,29 +421,15 @@ def _two_pass_chunk(
 
 
 def _refine_exact(T, tmax, x64, Y, alpha, xx, xnorm, sigma, yy64, d) -> Optional[torch.Tensor]:
-    """Recompute, as float64 differences, the candidates within the certified window of every row, and re-base T
-    on the exact best score. Returns the float64 per-row shift (T now holds T - shift), or None when the certified
-    logit error of the fp32-accurate scores is already below REFINE_TOL, or when some row has more than N_REFINE
-    candidates (large sigma relative to the data's spread: the fp32-accurate scores are then kept as they are)."""
+    """diffgen_fast.ops.refine.exact_scores on the fp32-accurate scores T (in place), with this backend's certified
+    |T error|: the fp32-accurate dot (d + 2) u32 |x||y| scaled by 2/a, plus the fp32 yy and epilogue rounding.
+    Returns the float64 per-row shift (T now holds T - shift), or None when T is kept as it is."""
     ymax = float(yy64.max().sqrt())
     a = alpha
-    # certified |T error|: fp32-accurate dot (d + 2) u32 |x||y| scaled by 2/a, plus the fp32 yy and epilogue rounding
     err_t = (d + 2) * _U32 * 2.0 * xnorm * ymax / a + 4 * _U32 * (2.0 * xnorm * ymax / a + ymax * ymax)
-    if bool((err_t * a * a * 0.5 / (sigma * sigma) <= REFINE_TOL).all()):
-        return None
-    window = (2.0 * sigma * sigma * TAIL_NATS / (a * a) + 2.0 * err_t).to(torch.float32)
-    inside = T >= (tmax - window)[:, None]
-    cmax = int(inside.sum(dim=1).max())
-    if cmax > N_REFINE:
-        return None
-    vals, idx = torch.topk(T, cmax, dim=1)
-    keep = vals >= (tmax - window)[:, None]
-    d2 = exact_sqdist_pairs(x64, Y, idx, a)
-    t_exact = (xx[:, None] - d2) / (a * a)[:, None]
-    t_exact = torch.where(keep, t_exact, torch.full_like(t_exact, float("-inf")))
-    shift = t_exact.max(dim=1).values
-    T.sub_(shift.to(torch.float32)[:, None])
-    T.scatter_(1, idx, torch.where(keep, (t_exact - shift[:, None]).to(torch.float32), vals - shift.float()[:, None]))
+    T2, shift = refine.exact_scores(T, x64, Y, a, xx, sigma, err_t, yy64)
+    if T2 is not T:
+        T.copy_(T2)
     return shift
 
 
@@ -446,12 +449,41 @@ def _fused_chunk(xk, Yk, yy64, sx, c, alpha, xx, inv2s2, precision, splits) -> S
             xk, Yk, yy64.to(torch.float32), sx, c, O, MX, L, Q, M, n, d, xk.stride(0), Yk.stride(0), per, _bucket(M),
             BD=BD, TO_BF16=precision == "fast" and xk.dtype == torch.float32, DOT_F32=interpreting(),
         )  # fmt: skip
-    state = empty_softmax_state(M, d, dtype=torch.float32, device=dev)
+    state = None
     for s in range(S):
         mx = MX[s].to(torch.float64)
         m = torch.where(torch.isneginf(mx), mx, (alpha * alpha * mx - xx) * inv2s2)
-        state = merge_softmax_states(state, SoftmaxState(m, L[s].double(), Q[s].double(), O[s]))
+        st = SoftmaxState(m, L[s].double(), Q[s].double(), O[s])
+        state = st if state is None else merge_softmax_states(state, st)
     return state
 
 
-__all__ = ["softmax_denoise_triton", "probe", "interpreting", "math"]
+def _register():
+    from diffgen_fast.ops import driver
+
+    return driver.register_softmax(
+        driver.SoftmaxBackend(
+            name="triton",
+            partial=partial_triton,
+            o_dtype=lambda xd, yd, precision: torch.float32,
+            out_dtype=lambda xd, td: torch.float32,
+            chunk_size=_chunk_size,
+            check=_check,
+        )
+    )
+
+
+softmax_partial_triton_op = _register().op  # torch.ops.diffgen_fast.softmax_partial_triton
+
+
+__all__ = [
+    "softmax_denoise_triton",
+    "partial_triton",
+    "softmax_partial_triton_op",
+    "probe",
+    "interpreting",
+    "math",
+    "TAIL_NATS",
+    "N_REFINE",
+    "REFINE_TOL",
+]
