@@ -593,7 +593,21 @@ def _checked_inputs(train, samples_path, heldout_path, cache, precomputed: bool,
     metavar="INT",
     type=click.IntRange(min=1),
     default=None,
-    help="k-means cells of C_T (default: about 40 held-out samples per cell, at most 20)",
+    help="k-means cells of C_T, fitted on the training set (default: 50, as Meehan et al.)",
+)
+@click.option(
+    "--tau",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=None,
+    help="C_T keeps the cells holding more than this share of the samples (default: 20 / number of samples)",
+)
+@click.option(
+    "--ct-variant",
+    type=click.Choice(["reference", "global_nn"]),
+    default="reference",
+    show_default=True,
+    help="C_T distances: to the nearest training point in the same cell (Meehan et al.'s code) or overall",
 )
 @click.option(
     "--cache-dir",
@@ -631,6 +645,8 @@ def score(
     metric,
     chunk_size,
     cells,
+    tau,
+    ct_variant,
     cache_dir,
     no_resume,
     no_authenticity,
@@ -701,6 +717,8 @@ def score(
             resume=not no_resume,
             progress=not no_progress,
             n_cells=cells,
+            tau=tau,
+            ct_variant=ct_variant,
             check_authenticity=not no_authenticity,
             seed=seed,
             on_range_mismatch="warn",
