@@ -1078,9 +1078,14 @@ def analyze_gap_cmd(data, models, n_sigmas, n, seed, out_dir) -> None:
     for name, r in res["models"].items():
         g = r["gap_per_dim"]
         i = max(range(len(g)), key=lambda j: g[j])
-        rows.append([name, f"{g[i]:.3g}", _num(res["sigma"][i]), f"{g[0]:.3g}", f"{g[-1]:.3g}"])
+        ge = r["eps"]["gap_per_dim"]
+        j = max(range(len(ge)), key=lambda k: ge[k])
+        rows.append([name, f"{g[i]:.3g}", _num(res["sigma"][i]), f"{g[0]:.3g}", f"{g[-1]:.3g}", f"{ge[j]:.3g}",
+                     _num(res["sigma"][j])])  # fmt: skip
     click.echo(f"{data}: N={len(train)}, d={train.d}; n={n} forward samples per sigma")
-    click.echo(_table(["model", "max gap / d", "at sigma", "gap / d at sigma_max", "at sigma_min"], rows, "lrrrr"))
+    click.echo("gap in x0 space ||D - D*||^2 and in eps space ||eps - eps*||^2 = ||D - D*||^2 / sigma^2, per value")
+    heads = ["model", "max gap / d", "at sigma", "gap / d at sigma_max", "at sigma_min", "max eps gap / d", "at sigma"]
+    click.echo(_table(heads, rows, "lrrrrrr"))
     _echo_files(out_dir, ["gap.json", "gap.png"])
 
 
