@@ -604,7 +604,21 @@ def _checked_inputs(train, samples_path, heldout_path, cache, precomputed: bool,
     metavar="INT",
     type=click.IntRange(min=1),
     default=None,
-    help="k-means cells of C_T (default: about 40 held-out samples per cell, at most 20)",
+    help="k-means cells of C_T, fitted on the training set (default: 50, as Meehan et al.)",
+)
+@click.option(
+    "--tau",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=None,
+    help="C_T keeps the cells holding more than this share of the samples (default: 20 / number of samples)",
+)
+@click.option(
+    "--ct-variant",
+    type=click.Choice(["reference", "global_nn"]),
+    default="reference",
+    show_default=True,
+    help="C_T distances: to the nearest training point in the same cell (Meehan et al.'s code) or overall",
 )
 @click.option(
     "--cache-dir",
@@ -642,6 +656,8 @@ def score(
     metric,
     chunk_size,
     cells,
+    tau,
+    ct_variant,
     cache_dir,
     no_resume,
     no_authenticity,
@@ -712,6 +728,8 @@ def score(
             resume=not no_resume,
             progress=not no_progress,
             n_cells=cells,
+            tau=tau,
+            ct_variant=ct_variant,
             check_authenticity=not no_authenticity,
             seed=seed,
             on_range_mismatch="warn",
@@ -1036,23 +1054,30 @@ def _sigma_grid(n: int):
               help="Points of the EDM sigma grid (0.002 to 80)")
 @click.option("--pairs", metavar="INT", type=click.IntRange(min=2), default=256, show_default=True,
               help="Probe pairs per sigma")
+@click.option("--center/--no-center", default=False, show_default=True,
+              help="Linearity about the training mean (affine maps score 1) instead of on raw values (the authors')")
+@click.option("--probes", type=click.Choice(["data", "noise"]), default="data", show_default=True,
+              help="Linearity probes: x = y + sigma n (data) or x = sigma n (noise)")
 @_SEED
 @_OUT
-def analyze_gaussian_cmd(data, models, n_sigmas, pairs, seed, out_dir) -> None:
+def analyze_gaussian_cmd(data, models, n_sigmas, pairs, center, probes, seed, out_dir) -> None:
     """Hidden Gaussian structure (Li, Dai, Qu 2024): the linearity score LS(sigma) of each denoiser and its
     normalised distance ||D - D_G|| / ||D_G|| to the Gaussian denoiser, over an EDM sigma grid. Writes gaussian.json
-    and gaussian.png. The empirical optimum D* is far from linear at small sigma; D_G is linear (LS = 1)."""
+    and gaussian.png. The linearity score is the authors': raw values, averaged over a in linspace(0.99, 0.5, 5)
+    (per-a values in the JSON); --center measures it about the training mean, where the affine D_G scores 1. The
+    empirical optimum D* is far from linear at small sigma."""
     from diffgen_fast.metrics.gaussian import analyze_gaussian
 
     train = _analysis_data(data, seed)
     res = analyze_gaussian(_named_models(models, train), train, sigmas=_sigma_grid(n_sigmas), n_pairs=pairs,
-                           seed=seed, out_dir=out_dir)  # fmt: skip
+                           seed=seed, center=center, probes=probes, out_dir=out_dir)  # fmt: skip
     rows = []
     for name, r in res["denoisers"].items():
         ls = r["linearity"]
         rows.append([name, f"{min(ls):.4f}", f"{ls[-1]:.4f}", f"{max(r['difference']):.4f}"])
     click.echo(f"{data}: N={len(train)}, d={train.d}; {n_sigmas} sigmas from {_num(res['sigma'][0])} to "
                f"{_num(res['sigma'][-1])}")  # fmt: skip
+    click.echo(f"linearity: {res['settings']['linearity']}")
     click.echo(_table(["denoiser", "min linearity", "linearity at sigma_min", "max ||D-D_G||/||D_G||"], rows, "lrrr"))
     _echo_files(out_dir, ["gaussian.json", "gaussian.png"])
 
@@ -1079,9 +1104,14 @@ def analyze_gap_cmd(data, models, n_sigmas, n, seed, out_dir) -> None:
     for name, r in res["models"].items():
         g = r["gap_per_dim"]
         i = max(range(len(g)), key=lambda j: g[j])
-        rows.append([name, f"{g[i]:.3g}", _num(res["sigma"][i]), f"{g[0]:.3g}", f"{g[-1]:.3g}"])
+        ge = r["eps"]["gap_per_dim"]
+        j = max(range(len(ge)), key=lambda k: ge[k])
+        rows.append([name, f"{g[i]:.3g}", _num(res["sigma"][i]), f"{g[0]:.3g}", f"{g[-1]:.3g}", f"{ge[j]:.3g}",
+                     _num(res["sigma"][j])])  # fmt: skip
     click.echo(f"{data}: N={len(train)}, d={train.d}; n={n} forward samples per sigma")
-    click.echo(_table(["model", "max gap / d", "at sigma", "gap / d at sigma_max", "at sigma_min"], rows, "lrrrr"))
+    click.echo("gap in x0 space ||D - D*||^2 and in eps space ||eps - eps*||^2 = ||D - D*||^2 / sigma^2, per value")
+    heads = ["model", "max gap / d", "at sigma", "gap / d at sigma_max", "at sigma_min", "max eps gap / d", "at sigma"]
+    click.echo(_table(heads, rows, "lrrrrrr"))
     _echo_files(out_dir, ["gap.json", "gap.png"])
 
 

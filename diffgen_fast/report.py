@@ -714,11 +714,12 @@ def run_demo(
 def write_score_csv(per: Mapping[str, Any], path: PathLike) -> Path:
     """Per-sample table of a ScoreResult: index, sample_name (source name of the sample: file name in a folder or
     zip, "file:key[row]" of arrays), nn1..nnk, nn_name (source name of nn1), d1..dk (L2), ratio, memorized and,
-    when computed, inauthentic, train_nn_other_dist and cell. Written atomically."""
+    when computed, inauthentic, train_nn_other_dist, cell and cell_nn_dist (C_T's distance to the nearest training
+    point in the sample's own cell). Written atomically."""
     nn_index = np.asarray(per["nn_index"])
     nn_dist = np.asarray(per["nn_dist"], dtype=np.float64)
     k = nn_index.shape[1]
-    extra = [c for c in ("inauthentic", "train_nn_other_dist", "cell") if c in per]
+    extra = [c for c in ("inauthentic", "train_nn_other_dist", "cell", "cell_nn_dist") if c in per]
     names = "sample_name" in per and "nn_name" in per
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -785,15 +786,12 @@ def train_vs_heldout_figure(
     per: Mapping[str, Any], held: Mapping[str, Any], ct: Mapping[str, Any] | None, path: PathLike
 ) -> Path:
     """Empirical CDFs of the distance to the nearest training point for generated and held-out samples (C_T's
-    comparison), with C_T in the title."""
+    comparison: within each point's cell for the reference C_T), with C_T in the title."""
     fig = _new_figure(7.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    for k, (name, v) in enumerate(
-        (
-            ("generated -> train", np.asarray(per["nn_dist"])[:, 0]),
-            ("held-out -> train", np.asarray(held["nn_dist"])[:, 0]),
-        )
-    ):
+    in_cell = ct is not None and ct.get("variant") == "reference" and "cell_nn_dist" in per
+    pick = (lambda r: np.asarray(r["cell_nn_dist"])) if in_cell else (lambda r: np.asarray(r["nn_dist"])[:, 0])
+    for k, (name, v) in enumerate((("generated -> train", pick(per)), ("held-out -> train", pick(held)))):
         v = np.sort(v[np.isfinite(v)])
         ax.step(
             v,
@@ -807,7 +805,7 @@ def train_vs_heldout_figure(
     if ct is not None:
         title += f"\nC_T = {_fmt(ct.get('C_T'), '.3g')} over {ct.get('cells_used')} cells (negative = copying)"
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("distance to the nearest training point (L2)")
+    ax.set_xlabel("distance to the nearest training point" + (" in the same C_T cell" if in_cell else "") + " (L2)")
     ax.set_ylabel("fraction of samples")
     ax.legend(fontsize=8, frameon=False, loc="lower right")
     ax.grid(alpha=0.3)
@@ -843,7 +841,7 @@ def score_report_markdown(summary: Mapping[str, Any], files: Sequence[str]) -> s
         c = s["C_T"]
         lines.append(
             f"| C_T (Meehan et al.; << 0 copying, ~0 fresh) | {_fmt(c['C_T'])} over {c['cells_used']} of "
-            f"{c['n_cells']} cells; one-cell z = {_fmt(c['z_global'])} |"
+            f"{c['n_cells']} cells (sample share > tau = {_fmt(c['tau'])}) |"
         )
     if s.get("index"):
         i = s["index"]
@@ -851,6 +849,8 @@ def score_report_markdown(summary: Mapping[str, Any], files: Sequence[str]) -> s
             f"| index | {i.get('factory')} (recall@{s['k']} on {i.get('recall_sample', 'all')} queries: "
             f"{_fmt(i.get('recall_at_k'))}) |"
         )
+    if "C_T" in s:
+        lines += ["", f"C_T: {s['C_T']['definition']}."]
     conv = [f"{who}: {c}" for who, cs in (s.get("conversions") or {}).items() for c in cs]
     if conv:
         lines += ["", "Conversions applied on loading:", "", *[f"- {c}" for c in conv]]

@@ -34,7 +34,7 @@ def planted(seed=0, N=2000, d=24, n_copy=40, n_noisy=40, n_fresh=80, n_held=240)
 
 def test_planted_copies_found_clean_not():
     train, samples, held, n_planted = planted()
-    r = score(samples, train, heldout=held)
+    r = score(samples, train, heldout=held, n_cells=4)  # 160 samples: 4 cells of about 40 (> 20 each)
     mem = r.per_sample["memorized"]
     assert mem[:n_planted].all() and not mem[n_planted:].any()
     assert r.fraction == pytest.approx(n_planted / len(samples))
@@ -50,7 +50,7 @@ def test_planted_copies_found_clean_not():
 
 def test_ct_near_zero_for_heldout_real_data():
     train, _, held, _ = planted(seed=1, n_held=600)
-    r = score(held[:300], train, heldout=held[300:], check_authenticity=False)
+    r = score(held[:300], train, heldout=held[300:], check_authenticity=False, n_cells=5)
     assert abs(r.summary["C_T"]["C_T"]) < 3
     assert r.summary["C_T"]["cells_used"] >= 2
     assert r.fraction < 0.05
@@ -80,18 +80,19 @@ def test_authenticity_rule():
 def test_streaming_tiny_chunks_equals_in_memory(tmp_path):
     train, samples, held, _ = planted(seed=2, N=600)
     np.save(tmp_path / "t.npy", train)
-    ref = score(samples, train, heldout=held)
-    got = score(samples, TrainingSet.open(tmp_path / "t.npy"), heldout=held, chunk_size=37)
-    for key in ("nn_index", "nn_dist", "ratio", "memorized", "inauthentic", "cell"):
+    ref = score(samples, train, heldout=held, n_cells=4)
+    got = score(samples, TrainingSet.open(tmp_path / "t.npy"), heldout=held, chunk_size=37, n_cells=4)
+    for key in ("nn_index", "nn_dist", "ratio", "memorized", "inauthentic", "cell", "cell_nn_dist"):
         np.testing.assert_array_equal(got.per_sample[key], ref.per_sample[key])
     assert got.summary["C_T"]["C_T"] == pytest.approx(ref.summary["C_T"]["C_T"])
+    assert got.summary["C_T"]["cells_used"] >= 1
     assert got.summary["passes"]["neighbours"]["chunks"] == -(-600 // 37)
 
 
 def test_interrupted_run_resumes_without_redoing_chunks(tmp_path):
     train, samples, held, _ = planted(seed=3, N=500)
     ck = tmp_path / "ck"
-    ref = score(samples, train, heldout=held)
+    ref = score(samples, train, heldout=held, n_cells=4)
 
     class Stop(Exception):
         pass
@@ -101,15 +102,19 @@ def test_interrupted_run_resumes_without_redoing_chunks(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        score(samples, train, heldout=held, chunk_size=50, checkpoint_dir=ck, on_chunk=stop_after_4)
+        score(samples, train, heldout=held, chunk_size=50, checkpoint_dir=ck, on_chunk=stop_after_4, n_cells=4)
     assert (ck / "pass-neighbours.npz").exists()
     seen = []
-    got = score(samples, train, heldout=held, chunk_size=50, checkpoint_dir=ck, on_chunk=lambda c, r: seen.append(r))
+    got = score(
+        samples, train, heldout=held, chunk_size=50, checkpoint_dir=ck, on_chunk=lambda c, r: seen.append(r), n_cells=4
+    )
     p = got.summary["passes"]["neighbours"]
     assert p["resumed_from_row"] == 200 and p["chunks_skipped"] == 4 and p["chunks"] == 6
     assert seen[0] == 250
-    for key in ("nn_index", "nn_dist", "memorized", "inauthentic"):
+    for key in ("nn_index", "nn_dist", "memorized", "inauthentic", "cell", "cell_nn_dist"):
         np.testing.assert_array_equal(got.per_sample[key], ref.per_sample[key])
+    np.testing.assert_array_equal(got.heldout["cell_nn_dist"], ref.heldout["cell_nn_dist"])
+    assert got.summary["C_T"]["C_T"] == ref.summary["C_T"]["C_T"]
     assert not list(ck.glob("pass-*.npz"))  # removed once the results exist
     # a checkpoint of other inputs is not used
     with pytest.raises(Stop):
@@ -198,6 +203,8 @@ def test_cli_score_writes_files_and_resumes_after_a_kill(tmp_path):
         str(tmp_path / "held.npy"),
         "--chunk-size",
         "100",
+        "--cells",
+        "4",
         "--no-progress",
     ]
     ref = _run_cli([*base, "--out", str(tmp_path / "ref")])

@@ -5,6 +5,10 @@ training points); the gap is small at small sigma (both return the nearest train
 large sigma (both return about the mean plus the same linear term), and peaks in between (near sigma ~ 3 for
 CIFAR-10 networks, Niedoba et al. 2025). Forward samples x = y + sigma n, y uniform training rows, the same draws
 for every sigma and every model; errors accumulated in float64.
+
+Reported in two spaces: x0 (denoiser outputs, ||D_model - D*||^2) and epsilon (noise predictions,
+||eps_model - eps*||^2 = ||D_model - D*||^2 / sigma^2, since eps = (x - D) / sigma in the VE parametrisation),
+each with its own 95% interval.
 """
 
 from __future__ import annotations
@@ -67,9 +71,11 @@ def denoiser_gap(
         device: device of the samples (default: the training set's).
 
     Returns:
-        {"sigma": [S], "gap": [S] mean squared L2 distance, "gap_per_dim": [S] gap / d (per-value MSE),
-        "stderr": [S], "ci_low": [S], "ci_high": [S] (95% interval of gap), "ci_low_per_dim", "ci_high_per_dim":
-        the same divided by d, "n": n, "d": d}. Lists of floats.
+        {"sigma": [S], "space": "both", "gap": [S] mean squared L2 distance in x0 space, "gap_per_dim": [S] gap / d
+        (per-value MSE), "stderr": [S], "ci_low": [S], "ci_high": [S] (95% interval of gap), "ci_low_per_dim",
+        "ci_high_per_dim": the same divided by d, "x0": {the same keys}, "eps": {the same keys for the
+        eps-prediction error ||eps_model - eps*||^2 = ||D_model - D*||^2 / sigma^2}, "n": n, "d": d}. Lists of
+        floats; the top-level gap keys are the x0 ones.
     """
     from diffgen_fast.denoisers import EmpiricalDenoiser
 
@@ -83,8 +89,8 @@ def denoiser_gap(
     dev = _probe_device(ts, device)
     ref = EmpiricalDenoiser(ts, precision="exact") if reference is None else _check_denoiser(reference, "reference")
     shape, d = tuple(ts.shape), ts.d
-    res: dict = {k: [] for k in ("gap", "gap_per_dim", "stderr", "ci_low", "ci_high", "ci_low_per_dim")}
-    res["ci_high_per_dim"] = []
+    keys = ("gap", "gap_per_dim", "stderr", "ci_low", "ci_high", "ci_low_per_dim", "ci_high_per_dim")
+    spaces: dict = {sp: {k: [] for k in keys} for sp in ("x0", "eps")}
     for s in sig:
         errs = []
         for ((y, z),) in _forward_batches(ts, n, batch, seed, dev):
@@ -93,14 +99,17 @@ def denoiser_gap(
             dr = _call(ref, x, s, shape, dtype, "reference")
             e = dm - dr
             errs.append((e * e).sum(dim=1))
-        m, se = _mean_stderr(torch.cat(errs))
-        lo, hi = max(0.0, m - Z95 * se), m + Z95 * se
-        for key, v in (("gap", m), ("stderr", se), ("ci_low", lo), ("ci_high", hi)):
-            res[key].append(v)
-        res["gap_per_dim"].append(m / d)
-        res["ci_low_per_dim"].append(lo / d)
-        res["ci_high_per_dim"].append(hi / d)
-    return {"sigma": sig, **res, "n": n, "d": d}
+        sq = torch.cat(errs)
+        for sp, vals in (("x0", sq), ("eps", sq / (s * s))):
+            res = spaces[sp]
+            m, se = _mean_stderr(vals)
+            lo, hi = max(0.0, m - Z95 * se), m + Z95 * se
+            for key, v in (("gap", m), ("stderr", se), ("ci_low", lo), ("ci_high", hi)):
+                res[key].append(v)
+            res["gap_per_dim"].append(m / d)
+            res["ci_low_per_dim"].append(lo / d)
+            res["ci_high_per_dim"].append(hi / d)
+    return {"sigma": sig, "space": "both", **spaces["x0"], **spaces, "n": n, "d": d}
 
 
 def analyze_gap(
@@ -127,8 +136,9 @@ def analyze_gap(
         out_dir: if given, ``gap.json`` and ``gap.png`` are written there atomically.
 
     Returns:
-        {"metric": "denoiser_gap", "sigma": [S], "models": {name: denoiser_gap(...) without "sigma"},
-        "settings": {...}, "files": {"json", "png"} (only with out_dir)}.
+        {"metric": "denoiser_gap", "space": "both", "sigma": [S], "models": {name: denoiser_gap(...) without
+        "sigma": x0-space keys at the top and under "x0", eps-space keys under "eps"}, "settings": {...},
+        "files": {"json", "png"} (only with out_dir)}.
     """
     from diffgen_fast.denoisers import EmpiricalDenoiser
 
@@ -139,6 +149,7 @@ def analyze_gap(
     ref = EmpiricalDenoiser(ts, precision="exact") if reference is None else _check_denoiser(reference, "reference")
     out: dict = {
         "metric": "denoiser_gap",
+        "space": "both",
         "sigma": sig,
         "models": {},
         "settings": {
@@ -147,6 +158,10 @@ def analyze_gap(
             "n_train": len(ts),
             "d": ts.d,
             "gap": "mean ||D_model(x) - D*(x)||^2 over x = y + sigma n; gap_per_dim = gap / d",
+            "spaces": {
+                "x0": "||D_model(x) - D*(x)||^2 (the top-level keys of each model, and its 'x0' entry)",
+                "eps": "||eps_model(x) - eps*(x)||^2 = ||D_model(x) - D*(x)||^2 / sigma^2 (each model's 'eps' entry)",
+            },
             "ci": "mean +- 1.96 stderr (normal approximation), clipped at 0",
             "reference": "EmpiricalDenoiser(train, precision='exact')" if reference is None else "user-supplied",
         },
@@ -191,7 +206,7 @@ def _plot_gap(result: dict, path: Path) -> Path:
         ax.set_yscale("log")
     ax.set_xlabel("sigma")
     ax.set_ylabel("E ||D(x) - D*(x)||^2 / d")
-    ax.set_title("Denoiser gap to the empirical optimum D* (95% CI)", fontsize=10)
+    ax.set_title("Denoiser gap to the empirical optimum D* in x0 space (95% CI; eps space in gap.json)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,9 +1,9 @@
 """How Gaussian (linear) is a denoiser? Linearity score, distance to D_G, linear distillation (docs/science.md 4).
 
 - `linearity_score`: LS(sigma) = mean cos(D(sqrt(a) x1 + sqrt(1-a) x2), sqrt(a) D(x1) + sqrt(1-a) D(x2)) over pairs
-  of forward samples x = y + sigma n (Li, Dai, Qu 2024). By default the map is taken about the training mean mu
-  (x -> D(mu + x) - mu), so that an affine denoiser such as D_G scores exactly 1; ``center=False`` is the formula on
-  raw values.
+  of probes x = y + sigma n (or pure noise sigma n), as Li, Dai, Qu's released code computes it: on raw values, for
+  a in linspace(0.99, 0.5, 5), reported per a and averaged. ``center=True`` takes the map about the training mean mu
+  (x -> D(mu + x) - D(mu)), so that any affine map (D_G included) scores exactly 1 (a variant, named as such).
 - `gaussian_difference`: mean ||D(x) - D_G(x)|| / ||D_G(x)|| per sigma, D_G = GaussianDenoiser(train).
 - `linear_distill`: the closed-form ridge regression D(x) ~ W x + b at one sigma from streamed float64 sufficient
   statistics (the paper trains the same linear model by SGD); `LinearDenoiser` evaluates the fitted maps.
@@ -140,18 +140,21 @@ def _forward_batches(
 ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Batches of k independent (y [b, d], noise [b, d]) float64 draws: y uniform training rows, noise N(0, I).
 
-    Drawn on the CPU from torch.Generator(seed) (the same probes on every device), then moved to ``device``.
+    Drawn on the CPU from torch.Generator(seed) (the same probes on every device and for every batch size: all n
+    rows and noises of the first draw, then of the second, ...), then moved to ``device``.
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     N, d = len(train), train.d
+    draws = []
+    for _ in range(k):
+        idx = torch.randint(0, N, (n,), generator=gen)
+        draws.append((idx, torch.randn(n, d, generator=gen, dtype=torch.float64)))
     for start in range(0, n, batch):
         b = min(batch, n - start)
         out = []
-        for _ in range(k):
-            idx = torch.randint(0, N, (b,), generator=gen)
-            noise = torch.randn(b, d, generator=gen, dtype=torch.float64)
-            y = train[idx].reshape(b, d).to(device=device, dtype=torch.float64)
-            out.append((y, noise.to(device)))
+        for idx, noise in draws:
+            y = train[idx[start : start + b]].reshape(b, d).to(device=device, dtype=torch.float64)
+            out.append((y, noise[start : start + b].to(device)))
         yield out
 
 
@@ -191,46 +194,80 @@ def _cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # -- linearity -------------------------------------------------------------------------------------------------------
 
 
+LINEARITY_A = np.linspace(0.99, 0.5, 5).tolist()  # the mixing weights of the authors' code
+PROBES = ("data", "noise")
+
+
+def linearity_definition(center: bool, probes: str) -> str:
+    """One line naming the linearity score computed."""
+    x = "x = y + sigma n" if probes == "data" else "x = sigma n (pure noise)"
+    how = (
+        "about the training mean mu (D(x) -> D(mu + x) - D(mu), x -> x - mu; a variant: affine maps score 1)"
+        if center
+        else "on raw values, as Li, Dai, Qu's code (an affine map with an offset scores below 1)"
+    )
+    return f"mean cos(D(sqrt(a) x1 + sqrt(1-a) x2), sqrt(a) D(x1) + sqrt(1-a) D(x2)), {x}, {how}; averaged over a"
+
+
+def _check_a(a: Any) -> list[float]:
+    if a is None:
+        return list(LINEARITY_A)
+    vals = [a] if isinstance(a, (int, float)) and not isinstance(a, bool) else a
+    if isinstance(vals, torch.Tensor):
+        vals = vals.tolist()
+    try:
+        vals = list(vals)
+    except TypeError as e:
+        raise InputTypeError(f"a: expected a number in (0, 1) or a sequence of them, got {a!r}") from e
+    if not vals:
+        raise InputError("a: expected at least one mixing weight")
+    return [_check_float(v, "a", lo=0.0, hi=1.0) for v in vals]
+
+
 def linearity_score(
     denoiser: Denoiser,
     train,
     sigmas,
     *,
     n_pairs: int = 256,
-    a: float = 0.5,
+    a=None,
     seed: int = 0,
     batch: int = 256,
-    center: bool = True,
+    center: bool = False,
+    probes: str = "data",
     dtype: torch.dtype = torch.float64,
     device=None,
 ) -> dict:
-    """Linearity score of a denoiser per noise level (docs/science.md 4.2; Li, Dai, Qu 2024).
+    """Linearity score of a denoiser per noise level (docs/science.md 4.2; Li, Dai, Qu 2024), as their code computes it.
 
-    For each sigma, pairs of forward samples x1 = y_i + sigma n1, x2 = y_j + sigma n2 (i, j uniform training rows,
-    n ~ N(0, I), the same draws for every sigma) give
+    For each sigma, pairs of probes x1 = y_i + sigma n1, x2 = y_j + sigma n2 (i, j uniform training rows,
+    n ~ N(0, I), the same draws for every sigma; ``probes="noise"``: x = sigma n) give, for each mixing weight a,
 
-        LS(sigma) = mean_pairs cos( D~(sqrt(a) x1~ + sqrt(1-a) x2~),  sqrt(a) D~(x1~) + sqrt(1-a) D~(x2~) )
+        LS_a(sigma) = mean_pairs cos( D~(sqrt(a) x1~ + sqrt(1-a) x2~),  sqrt(a) D~(x1~) + sqrt(1-a) D~(x2~) )
 
-    with the cosine over flattened vectors. With ``center=True`` (default) D~(v) = D(mu + v) - mu and x~ = x - mu
-    (mu the training mean): the linearity of D about the data mean, for which any affine map (D_G included) scores
-    exactly 1. With ``center=False``, D~ = D and x~ = x: the formula on raw values, where an affine map scores 1 only
-    if its offset vanishes (zero-mean data) or at sigma -> 0 / infinity.
+    with the cosine over flattened vectors, and LS(sigma) = the mean of LS_a over the weights (the same probe pairs
+    for every a; the standard error is over pairs of the per-pair average). With ``center=False`` (default) D~ = D
+    and x~ = x: raw values, as the authors' code, where an affine map D(x) = A x + b scores below 1 unless b = 0.
+    With ``center=True``, D~(v) = D(mu + v) - D(mu) and x~ = x - mu (mu the training mean): linearity about the data
+    mean, for which any affine map (D_G included) scores exactly 1 -- a variant. (D_G(mu) = mu, so for D_G this is
+    the same as subtracting mu.)
 
     Args:
         denoiser: callable D(x [b, *shape], sigma) -> [b, *shape] x0-prediction (see the module docstring).
         train: TrainingSet, or anything TrainingSet.coerce accepts ([N, *shape] tensor / array, a path).
         sigmas: a noise level or a 1-D sequence / tensor of them, each finite > 0.
         n_pairs: number of probe pairs per sigma (>= 2, for the standard error).
-        a: mixing weight in (0, 1). Default 0.5.
+        a: mixing weight(s) in (0, 1): a number or a sequence. Default: linspace(0.99, 0.5, 5), as the authors.
         seed: seed of the probes.
-        batch: pairs per denoiser call (three calls of ``batch`` items per batch of pairs).
-        center: measure linearity about the training mean (True) or on raw values (False).
+        batch: pairs per denoiser call (2 + len(a) calls of ``batch`` items per batch of pairs).
+        center: measure linearity about the training mean (True) or on raw values (False, default).
+        probes: "data" (x = y + sigma n, default) or "noise" (x = sigma n).
         dtype: dtype the probes are passed in (float64 default; float32 for networks that need it).
         device: device of the probes (default: the training set's).
 
     Returns:
-        {"sigma": [S] floats, "linearity": [S] means of the cosine, "stderr": [S] standard errors, "n_pairs": n,
-        "a": a, "center": center}.
+        {"sigma": [S] floats, "linearity": [S] means over a, "stderr": [S], "a": [A] weights, "linearity_per_a":
+        [A][S], "stderr_per_a": [A][S], "n_pairs": n, "center": center, "probes": probes, "definition": str}.
     """
     denoiser = _check_denoiser(denoiser)
     ts = _coerce_train(train)
@@ -238,33 +275,52 @@ def linearity_score(
     n_pairs = _check_int(n_pairs, "n_pairs", 2)
     batch = _check_int(batch, "batch", 1)
     seed = _check_int(seed, "seed", 0)
-    a = _check_float(a, "a", lo=0.0, hi=1.0)
+    weights = _check_a(a)
+    if probes not in PROBES:
+        raise InputError(f"probes: expected one of {', '.join(PROBES)}, got {probes!r}")
     dtype = _check_dtype(dtype)
     dev = _probe_device(ts, device)
     shape = tuple(ts.shape)
-    ca, cb = math.sqrt(a), math.sqrt(1.0 - a)
     mu = ts.mean(dtype=torch.float64).reshape(1, -1).to(dev) if center else None
     lin, err = [], []
+    per_a = [[] for _ in weights]
+    per_a_err = [[] for _ in weights]
     for s in sig:
-        cos = []
+        cos = [[] for _ in weights]
+        dmu = _call(denoiser, mu, s, shape, dtype, "denoiser") if mu is not None else None
         for (y1, n1), (y2, n2) in _forward_batches(ts, n_pairs, batch, seed, dev, k=2):
-            x1, x2 = y1 + s * n1, y2 + s * n2
-            if mu is None:
-                xm = ca * x1 + cb * x2
-            else:
-                xm = mu + ca * (x1 - mu) + cb * (x2 - mu)
+            x1, x2 = (y1 + s * n1, y2 + s * n2) if probes == "data" else (s * n1, s * n2)
             d1 = _call(denoiser, x1, s, shape, dtype, "denoiser")
             d2 = _call(denoiser, x2, s, shape, dtype, "denoiser")
-            dm = _call(denoiser, xm, s, shape, dtype, "denoiser")
-            if mu is None:
-                u, v = dm, ca * d1 + cb * d2
-            else:
-                u, v = dm - mu, ca * (d1 - mu) + cb * (d2 - mu)
-            cos.append(_cosine(u, v))
-        m, se = _mean_stderr(torch.cat(cos))
+            for j, w in enumerate(weights):
+                ca, cb = math.sqrt(w), math.sqrt(1.0 - w)
+                if mu is None:
+                    dm = _call(denoiser, ca * x1 + cb * x2, s, shape, dtype, "denoiser")
+                    u, v = dm, ca * d1 + cb * d2
+                else:
+                    dm = _call(denoiser, mu + ca * (x1 - mu) + cb * (x2 - mu), s, shape, dtype, "denoiser")
+                    u, v = dm - dmu, ca * (d1 - dmu) + cb * (d2 - dmu)
+                cos[j].append(_cosine(u, v))
+        per_pair = torch.stack([torch.cat(c) for c in cos])  # [A, n_pairs]
+        for j in range(len(weights)):
+            m, se = _mean_stderr(per_pair[j])
+            per_a[j].append(m)
+            per_a_err[j].append(se)
+        m, se = _mean_stderr(per_pair.mean(dim=0))
         lin.append(m)
         err.append(se)
-    return {"sigma": sig, "linearity": lin, "stderr": err, "n_pairs": n_pairs, "a": a, "center": bool(center)}
+    return {
+        "sigma": sig,
+        "linearity": lin,
+        "stderr": err,
+        "a": weights,
+        "linearity_per_a": per_a,
+        "stderr_per_a": per_a_err,
+        "n_pairs": n_pairs,
+        "center": bool(center),
+        "probes": probes,
+        "definition": linearity_definition(bool(center), probes),
+    }
 
 
 # -- distance to the Gaussian denoiser ---------------------------------------------------------------------------------
@@ -494,7 +550,9 @@ def analyze_gaussian(
     n: Optional[int] = None,
     seed: int = 0,
     gaussian: Optional[Denoiser] = None,
-    center: bool = True,
+    center: bool = False,
+    probes: str = "data",
+    a=None,
     batch: int = 256,
     out_dir=None,
 ) -> dict:
@@ -508,14 +566,16 @@ def analyze_gaussian(
         n: forward samples per sigma for the difference (default n_pairs).
         seed: seed of the probes (shared by all denoisers).
         gaussian: reference D_G (default GaussianDenoiser(train)).
-        center: passed to linearity_score.
+        center, probes, a: passed to linearity_score (defaults: raw values, data probes, a over
+            linspace(0.99, 0.5, 5), as the authors' code).
         batch: items per denoiser call.
         out_dir: if given, ``gaussian.json`` and ``gaussian.png`` (linearity and difference vs sigma, log x-axis)
             are written there atomically.
 
     Returns:
-        {"metric": "gaussian", "sigma": [S], "denoisers": {name: {"linearity", "linearity_stderr",
-        "difference", "difference_stderr"}}, "settings": {...}, "files": {"json", "png"} (only with out_dir)}.
+        {"metric": "gaussian", "sigma": [S], "denoisers": {name: {"linearity" (mean over a), "linearity_stderr",
+        "linearity_per_a" [A][S], "linearity_stderr_per_a", "difference", "difference_stderr"}}, "settings": {...,
+        "a": [A], "center", "probes", "linearity": the definition}, "files": {"json", "png"} (only with out_dir)}.
     """
     from diffgen_fast.denoisers import GaussianDenoiser
 
@@ -525,6 +585,9 @@ def analyze_gaussian(
     n_pairs = _check_int(n_pairs, "n_pairs", 2)
     n = n_pairs if n is None else _check_int(n, "n", 2)
     ref = GaussianDenoiser(ts) if gaussian is None else _check_denoiser(gaussian, "gaussian")
+    weights = _check_a(a)
+    if probes not in PROBES:
+        raise InputError(f"probes: expected one of {', '.join(PROBES)}, got {probes!r}")
     out: dict = {
         "metric": "gaussian",
         "sigma": sig,
@@ -532,22 +595,26 @@ def analyze_gaussian(
         "settings": {
             "n_pairs": n_pairs,
             "n": n,
-            "a": 0.5,
+            "a": weights,
             "seed": seed,
             "center": bool(center),
+            "probes": probes,
             "n_train": len(ts),
             "d": ts.d,
-            "linearity": "mean cos(D(sqrt(a) x1 + sqrt(1-a) x2), sqrt(a) D(x1) + sqrt(1-a) D(x2))"
-            + (" about the training mean" if center else ""),
+            "linearity": linearity_definition(bool(center), probes),
             "difference": "mean ||D(x) - D_G(x)|| / ||D_G(x)||, x = y + sigma n",
         },
     }
     for name, D in dens.items():
-        lin = linearity_score(D, ts, sig, n_pairs=n_pairs, seed=seed, batch=batch, center=center)
+        lin = linearity_score(
+            D, ts, sig, n_pairs=n_pairs, seed=seed, batch=batch, center=center, probes=probes, a=weights
+        )
         dif = gaussian_difference(D, ts, sig, n=n, seed=seed, gaussian=ref, batch=batch)
         out["denoisers"][name] = {
             "linearity": lin["linearity"],
             "linearity_stderr": lin["stderr"],
+            "linearity_per_a": lin["linearity_per_a"],
+            "linearity_stderr_per_a": lin["stderr_per_a"],
             "difference": dif["difference"],
             "difference_stderr": dif["stderr"],
         }
@@ -596,7 +663,9 @@ def _plot_gaussian(result: dict, path: Path) -> Path:
     if any_pos:
         ax2.set_yscale("log")
     ax1.set_ylabel("linearity score (cosine)")
-    ax1.set_title("Linearity score (1 = linear)", fontsize=10)
+    st = result.get("settings", {})
+    how = "about the training mean" if st.get("center") else "raw values"
+    ax1.set_title(f"Linearity score (1 = linear; mean over a, {how})", fontsize=10)
     ax2.set_ylabel("||D - D_G|| / ||D_G||")
     ax2.set_title("Normalised difference to the Gaussian denoiser", fontsize=10)
     ax1.legend(fontsize=8)

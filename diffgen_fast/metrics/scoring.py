@@ -5,8 +5,10 @@
   - the nearest-neighbour ratio test (memorized when d1 / d2 < threshold);
   - authenticity (Alaa et al.): a second pass finds, for each training point that is some sample's nearest, its own
     nearest other training point;
-  - C_T (Meehan et al.) when held-out real samples are given: k-means cells of the training set, per-cell
-    Mann-Whitney z of sample-to-train against heldout-to-train distances.
+  - C_T (Meehan et al.) when held-out real samples are given, as their code computes it: k-means cells of the
+    training set; in the same pass as the neighbours, each training chunk's rows are given their cell (nearest
+    centroid) and every sample and held-out point keeps its nearest training point within its own cell; per cell,
+    their Mann-Whitney z of sample against held-out distances (see metrics.copying.c_t).
 Every pass checkpoints its partial top-k state after each chunk (atomically, .npz without pickles) and resumes from
 it when run again with the same inputs and settings. Distances are L2 in the chosen space: pixels (default), the
 output of a user's embedding callable, or precomputed embeddings; metric "cosine" normalises the features first
@@ -30,9 +32,15 @@ import torch
 from diffgen_fast._atomic import _atomic_target
 from diffgen_fast.errors import DataFormatError, InputError, InputTypeError
 from diffgen_fast.layout import RANGE_RULE, align_layout, check_range, scale_for, training_range
-from diffgen_fast.metrics.copying import authenticity, ct_statistic, default_cells
+from diffgen_fast.metrics.copying import (
+    CT_CELLS_DEFAULT,
+    CT_VARIANTS,
+    assign_cells,
+    authenticity,
+    ct_from_distances,
+    kmeans_centroids,
+)
 from diffgen_fast.metrics.memorization import MemorizationResult
-from diffgen_fast.ops import knn
 from diffgen_fast.ops.knn import knn_sqdist64
 from diffgen_fast.ops.merge import merge_topk
 
@@ -95,8 +103,13 @@ class _Checkpoint:
 
     _ARRAYS = ("best_d", "best_i", "key", "next_row")
 
-    def __init__(self, path: Optional[Path], key: dict):
+    def __init__(self, path: Optional[Path], key: dict, n_cells: int = 0):
         self.path, self.key = path, json.dumps(key, sort_keys=True)
+        # with cells: cell_d [M] float64, cell_i [M] int64 (nearest training point in the query's own cell, inf / -1
+        # while none is seen) and cell_n [C] int64 (training rows per cell so far)
+        self.n_cells = n_cells
+        self.arrays = self._ARRAYS + (("cell_d", "cell_i", "cell_n") if n_cells else ())
+        self.cell_state: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def _refuse(self, why: str, cause: Optional[BaseException] = None) -> DataFormatError:
         err = DataFormatError(f"checkpoint: '{self.path}' {why}; it is not used: delete it to start over")
@@ -121,8 +134,8 @@ class _Checkpoint:
                 raise self._refuse("is not an .npz archive of a top-k state")
             with z:
                 names = sorted(z.files)
-                if names != sorted(self._ARRAYS):
-                    raise self._refuse(f"holds arrays {names}; expected exactly {sorted(self._ARRAYS)}")
+                if names != sorted(self.arrays):
+                    raise self._refuse(f"holds arrays {names}; expected exactly {sorted(self.arrays)}")
                 key = z["key"]
                 if key.shape != () or key.dtype.kind != "U":
                     raise self._refuse(f"has a key of dtype {key.dtype} and shape {list(key.shape)}; expected a string")
@@ -130,11 +143,27 @@ class _Checkpoint:
                     log.warning("checkpoint %s is for other inputs or settings; starting over", self.path)
                     return None
                 best_d, best_i, next_row = z["best_d"], z["best_i"], z["next_row"]
+                cells = tuple(z[a] for a in ("cell_d", "cell_i", "cell_n")) if self.n_cells else None
         except DataFormatError:
             raise
         except Exception as e:  # unreadable, empty, truncated, a pickle, out of memory: never trusted
             raise self._refuse(f"cannot be read ({type(e).__name__}: {e})", e) from e
-        return self._checked(best_d, best_i, next_row, rows, k, n)
+        state = self._checked(best_d, best_i, next_row, rows, k, n)
+        if cells is not None:
+            self.cell_state = self._checked_cells(*cells, state[2], best_d.shape[0])
+        return state
+
+    def _checked_cells(self, cell_d, cell_i, cell_n, done: int, m: int):
+        if cell_d.dtype != np.float64 or cell_i.dtype != np.int64 or cell_n.dtype != np.int64:
+            raise self._refuse(f"has cell_d {cell_d.dtype}, cell_i {cell_i.dtype}, cell_n {cell_n.dtype}")
+        if cell_d.shape != (m,) or cell_i.shape != (m,) or cell_n.shape != (self.n_cells,):
+            raise self._refuse(f"has cell arrays of shapes {[list(a.shape) for a in (cell_d, cell_i, cell_n)]}")
+        none = cell_i == -1
+        if np.isnan(cell_d).any() or (cell_d < 0).any() or (none != (cell_d == np.inf)).any():
+            raise self._refuse("holds NaN, negative or unmatched cell distances")
+        if ((cell_i < -1) | (cell_i >= done)).any() or (cell_n < 0).any() or cell_n.sum() != done:
+            raise self._refuse(f"holds cell indices or counts inconsistent with the {done} rows seen")
+        return tuple(torch.from_numpy(np.array(a)) for a in (cell_d, cell_i, cell_n))
 
     def _checked(self, best_d, best_i, next_row, rows, k, n) -> tuple[torch.Tensor, torch.Tensor, int]:
         if next_row.shape != () or next_row.dtype.kind not in "iu":
@@ -165,12 +194,18 @@ class _Checkpoint:
             raise self._refuse(f"holds neighbour indices outside the {done} rows seen (e.g. {example})")
         return torch.from_numpy(np.array(best_d)), torch.from_numpy(np.array(best_i)), done
 
-    def save(self, best_d: torch.Tensor, best_i: torch.Tensor, next_row: int) -> None:
+    def save(self, best_d: torch.Tensor, best_i: torch.Tensor, next_row: int, cells=None) -> None:
         if self.path is None:
             return
+        extra = {} if cells is None else dict(zip(("cell_d", "cell_i", "cell_n"), (c.numpy() for c in cells)))
         with _atomic_target(self.path) as tmp, open(tmp, "wb") as f:
             np.savez(
-                f, best_d=best_d.numpy(), best_i=best_i.numpy(), next_row=np.int64(next_row), key=np.str_(self.key)
+                f,
+                best_d=best_d.numpy(),
+                best_i=best_i.numpy(),
+                next_row=np.int64(next_row),
+                key=np.str_(self.key),
+                **extra,
             )
 
     def remove(self) -> None:
@@ -198,15 +233,24 @@ def stream_topk(
     key: Optional[dict] = None,
     progress: Any = None,
     on_chunk: Optional[Callable[[int, int], None]] = None,
-) -> tuple[torch.Tensor, torch.Tensor, PassStats]:
+    cells: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+):
     """Exact top-k of queries [M, e] among the training points (mapped through `space`), chunk by chunk, with the
     state checkpointed after each chunk and resumed from a checkpoint with the same key.
 
-    Returns (sqdist [M, k] float64, index [M, k] int64, PassStats).
+    cells: optional (centroids [C, e], query_cells [M] int64): in the same pass, each chunk's rows are given their
+    nearest centroid and every query keeps its nearest training point among the rows of its own cell.
+
+    Returns (sqdist [M, k] float64, index [M, k] int64, PassStats), and with cells a fourth item (cell_sqdist [M]
+    float64, inf where the cell has no training point; cell_index [M] int64, -1 there; train_per_cell [C] int64).
     """
     M = queries.shape[0]
     stats = PassStats()
-    ck = _Checkpoint(checkpoint, {"k": k, "chunk_size": chunk_size, "queries": _sha(queries), **(key or {})})
+    ck_key = {"k": k, "chunk_size": chunk_size, "queries": _sha(queries), **(key or {})}
+    if cells is not None:
+        cent, q_cells = cells[0].to(torch.float64), torch.as_tensor(cells[1], dtype=torch.int64)
+        ck_key["cells"] = _sha(cent) + _sha(q_cells)
+    ck = _Checkpoint(checkpoint, ck_key, n_cells=0 if cells is None else cent.shape[0])
     state = ck.load(M, k, len(train))
     if state is not None:
         best_d, best_i, done = state
@@ -215,6 +259,15 @@ def stream_topk(
         best_d = torch.empty(M, 0, dtype=torch.float64)
         best_i = torch.empty(M, 0, dtype=torch.int64)
         done = 0
+    cell_state = None
+    if cells is not None:
+        cell_state = ck.cell_state if state is not None else None
+        if cell_state is None:
+            cell_state = (
+                torch.full((M,), float("inf"), dtype=torch.float64),
+                torch.full((M,), -1, dtype=torch.int64),
+                torch.zeros(cent.shape[0], dtype=torch.int64),
+            )
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     t0 = time.perf_counter()
     if progress is not None and done:
@@ -227,8 +280,10 @@ def stream_topk(
         F = Y if space is None or space.identity else space(Y, train.shape)
         d2, idx, _ = knn_sqdist64(queries, F, min(k, n), backend=backend)
         best_d, best_i = merge_topk(best_d, best_i, torch.as_tensor(d2).double(), torch.as_tensor(idx) + start, k)
+        if cells is not None:
+            _cell_nn_chunk(queries, q_cells, cent, F, start, cell_state, backend)
         done = start + n
-        ck.save(best_d, best_i, done)
+        ck.save(best_d, best_i, done, cell_state)
         stats.chunks += 1
         if progress is not None:
             progress.update(n)
@@ -237,7 +292,27 @@ def stream_topk(
         if stop_after and stats.chunks >= stop_after:
             os._exit(75)
     stats.seconds = time.perf_counter() - t0
+    if cells is not None:
+        return best_d, best_i, stats, cell_state
     return best_d, best_i, stats
+
+
+def _cell_nn_chunk(queries, q_cells, cent, F, start: int, state, backend: str) -> None:
+    """Update state = (cell_d, cell_i, cell_n) in place with one chunk F of training rows starting at row `start`:
+    the rows' cells (nearest centroid), their count per cell, and each query's nearest row of its own cell (an earlier
+    row is kept on equal distances)."""
+    cell_d, cell_i, cell_n = state
+    r_cells = assign_cells(F, cent)
+    cell_n += torch.bincount(r_cells, minlength=cell_n.shape[0])
+    for c in np.intersect1d(r_cells.unique().numpy(), q_cells.unique().numpy()):
+        qi = (q_cells == int(c)).nonzero()[:, 0]
+        ri = (r_cells == int(c)).nonzero()[:, 0]
+        d2, idx, _ = knn_sqdist64(queries[qi], F[ri], 1, backend=backend)
+        d2 = torch.as_tensor(d2).double()[:, 0].clamp(min=0)
+        rows = ri[torch.as_tensor(idx)[:, 0]] + start
+        better = d2 < cell_d[qi]
+        cell_d[qi[better]] = d2[better]
+        cell_i[qi[better]] = rows[better]
 
 
 @dataclass
@@ -304,7 +379,8 @@ def score(
     resume: bool = True,
     progress: bool = False,
     n_cells: Optional[int] = None,
-    min_cell: int = 10,
+    tau: Optional[float] = None,
+    ct_variant: str = "reference",
     check_authenticity: bool = True,
     seed: int = 0,
     on_chunk: Optional[Callable[[int, int], None]] = None,
@@ -327,8 +403,10 @@ def score(
         index: a faiss index kind, factory string, FaissIndex or saved .faiss path: search it instead of streaming
             (approximate kinds report recall). Not resumable (one search).
         checkpoint_dir: folder for the per-pass checkpoints (None: no checkpoints); resume: use them.
-        n_cells: k-means cells of C_T (default about 40 held-out points per cell, at most 20).
-        min_cell: cells with fewer generated or held-out samples are left out of C_T.
+        n_cells: k-means cells of C_T (default 50, fitted on at most 20,000 training points; capped at N).
+        tau: C_T keeps the cells whose share of the samples exceeds tau (default 20 / number of samples).
+        ct_variant: "reference" (Meehan et al.'s code: nearest training point within the cell) or "global_nn"
+            (nearest training point overall); see metrics.copying.c_t.
         check_authenticity: run the second pass (nearest other training point of each sample's nearest).
         on_chunk: callable(chunks_done, rows_done) after each chunk (for progress or tests).
         on_range_mismatch: "warn" (RangeMismatchWarning), "error" (InputError) or "ignore" when the samples' or
@@ -404,6 +482,10 @@ def score(
         stream_space = space
     if k > len(ts):
         raise InputError(f"k: expected k <= N = {len(ts)} training points, got {k}")
+    if ct_variant not in CT_VARIANTS:
+        raise InputError(f"ct_variant: expected one of {', '.join(CT_VARIANTS)}, got {ct_variant!r}")
+    if n_cells is not None and (isinstance(n_cells, bool) or not isinstance(n_cells, int) or n_cells < 1):
+        raise InputError(f"n_cells: expected an int >= 1, got {n_cells!r}")
     M = q_smp.shape[0]
     H = 0 if q_ho is None else q_ho.shape[0]
     queries = q_smp if q_ho is None else torch.cat([q_smp, q_ho.to(q_smp.dtype)])
@@ -414,7 +496,7 @@ def score(
     key = {"train": ts.fingerprint(), "n": len(ts), "metric": metric, "space": space_name, "backend": backend}
     passes: dict[str, Any] = {}
 
-    def run_pass(name: str, q: torch.Tensor, kk: int, desc: str, hook=None):
+    def run_pass(name: str, q: torch.Tensor, kk: int, desc: str, hook=None, cells=None):
         bar = _bar(progress, len(ts), desc)
         try:
             return stream_topk(
@@ -428,11 +510,19 @@ def score(
                 key=key,
                 progress=bar,
                 on_chunk=hook,
+                cells=cells,
             )
         finally:
             if bar is not None:
                 bar.close()
 
+    # C_T's cells: k-means centroids of the training set, every query given its nearest centroid; the nearest
+    # training point within each query's cell is found in the neighbours pass (the training rows get their cells
+    # chunk by chunk)
+    cells = cell_nn = None
+    if H:
+        cent = _kmeans_centroids(ts, stream_space, n_cells or CT_CELLS_DEFAULT, seed)
+        cells = (cent, assign_cells(queries, cent))
     index_info = None
     if index is not None:
         if not stream_space.identity:
@@ -440,6 +530,12 @@ def score(
         d2, idx, index_info = knn_sqdist64(queries, ts, k, backend="faiss", index=index)
         d2, idx = torch.as_tensor(d2).double(), torch.as_tensor(idx)
         passes["neighbours"] = PassStats(chunks=1)
+        if cells is not None:  # the per-cell search streams the training set (exact)
+            *_, passes["cells"], cell_nn = run_pass("cells", queries, 1, "C_T cells", cells=cells)
+    elif cells is not None:
+        d2, idx, passes["neighbours"], cell_nn = run_pass(
+            "neighbours", queries, k, "nearest neighbours", on_chunk, cells=cells
+        )
     else:
         d2, idx, passes["neighbours"] = run_pass("neighbours", queries, k, "nearest neighbours", on_chunk)
     # the ratio test of memorization(), on the first two neighbours of samples and held-out points
@@ -477,14 +573,17 @@ def score(
         per["train_nn_other_dist"] = t_other
         per["inauthentic"] = authenticity(nn_dist[:M, 0], t_other)
     ct = None
-    if H:
-        cells = n_cells or default_cells(H, len(ts))
-        cent = _kmeans_centroids(ts, stream_space, cells, seed)
-        _, c_all = knn(queries, cent, 1, backend="torch")
-        c_all = torch.as_tensor(c_all)[:, 0].numpy()
+    if cells is not None:
+        c_all = cells[1].numpy()
+        cell_d, _, train_per_cell = cell_nn
+        dist = cell_d.sqrt().numpy() if ct_variant == "reference" else nn_dist[:, 0]
         per["cell"] = c_all[:M]
         held["cell"] = c_all[M:]
-        ct = ct_statistic(nn_dist[:M, 0], c_all[:M], nn_dist[M:, 0], c_all[M:], cells, min_cell=min_cell)
+        per["cell_nn_dist"] = cell_d[:M].sqrt().numpy()
+        held["cell_nn_dist"] = cell_d[M:].sqrt().numpy()
+        ct = ct_from_distances(
+            dist[:M], c_all[:M], dist[M:], c_all[M:], train_per_cell.numpy(), tau=tau, variant=ct_variant
+        )
     summary = _summary(per, held, ct, ts, threshold, k, metric, space_name, backend, index_info, passes, smp, M, H)
     summary["samples"] = {"source": smp.source, "n": len(smp), "shape": list(smp.shape)}
     if ho is not None:
@@ -504,16 +603,12 @@ def score(
 
 def _kmeans_centroids(ts, space: _Space, cells: int, seed: int) -> torch.Tensor:
     """k-means centroids of (a sample of at most 20,000 of) the training points in the scoring space."""
-    from sklearn.cluster import KMeans
-
     g = torch.Generator().manual_seed(seed)
     m = min(len(ts), 20_000)
     rows = torch.randperm(len(ts), generator=g)[:m].sort().values
     x = ts[rows].reshape(m, -1).to("cpu")
     f = x if space.identity else space(x, ts.shape)
-    cells = min(cells, m)
-    km = KMeans(n_clusters=cells, n_init=3, random_state=seed).fit(f.double().numpy())
-    return torch.from_numpy(km.cluster_centers_).to(torch.float64)
+    return torch.from_numpy(kmeans_centroids(f.double().numpy(), cells, seed)).to(torch.float64)
 
 
 def _summary(per, held, ct, ts, threshold, k, metric, space_name, backend, index_info, passes, smp, M, H) -> dict:
@@ -558,8 +653,7 @@ def _summary(per, held, ct, ts, threshold, k, metric, space_name, backend, index
         }
     if ct is not None:
         s["C_T"] = {
-            "test": "Meehan et al. 2020: per k-means cell, Mann-Whitney z of sample-to-train vs heldout-to-train NN "
-            "distances, weighted by the held-out fraction; strongly negative = copying, ~0 = like fresh data",
+            "test": ct["definition"] + "; strongly negative = copying, ~0 = like fresh data",
             **{k2: v for k2, v in ct.items()},
         }
     return s
