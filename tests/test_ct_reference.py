@@ -194,3 +194,12 @@ def test_score_streams_the_reference_ct(chunk):
     assert g.summary["C_T"]["C_T"] == pytest.approx(c_t(y, p, q, n_cells=3, variant="global_nn")["C_T"], abs=1e-9)
     # the per-sample in-cell distance is never below the overall nearest distance
     assert (r.per_sample["cell_nn_dist"] >= r.per_sample["nn_dist"][:, 0] - 1e-6).all()
+
+
+def test_default_tau_with_few_samples_gives_nan_with_a_note():
+    import numpy as np
+
+    from diffgen_fast.metrics.copying import ct_from_distances
+
+    r = ct_from_distances(np.ones(10), np.zeros(10, np.int64), np.ones(8), np.zeros(8, np.int64), np.array([5]))
+    assert np.isnan(r["C_T"]) and r["cells_used"] == 0 and "too few generated samples (10)" in r["note"]

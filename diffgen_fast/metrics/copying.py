@@ -228,9 +228,13 @@ def ct_from_distances(
     m, h = sd.size, hd.size
     if m == 0 or h == 0:
         raise InputError("heldout: C_T needs at least one generated and one held-out sample")
+    note = None
     if tau is None:
-        tau = CT_MIN_SAMPLES / m
-    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating)) or not 0 <= tau < 1:
+        tau = CT_MIN_SAMPLES / m  # may be >= 1 for few samples: then no cell is kept and C_T is NaN, said in "note"
+        if tau >= 1:
+            note = (f"too few generated samples ({m}) for the default tau = {CT_MIN_SAMPLES} / m: no cell can hold "
+                    f"more than {CT_MIN_SAMPLES} of them, so C_T is undefined (pass tau= to use fewer)")  # fmt: skip
+    elif isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating)) or not 0 <= tau < 1:
         raise InputError(f"tau: expected a number in [0, 1) (a cell's minimum share of the samples), got {tau!r}")
     n_cells = int(max(counts.size, sc.max() + 1, hc.max() + 1))
     counts = np.concatenate([counts, np.zeros(n_cells - counts.size, np.int64)])
@@ -266,6 +270,7 @@ def ct_from_distances(
         "cells_used": int(sum(r["kept"] for r in rows)),
         "skipped": skipped,
         "cells": rows,
+        **({"note": note} if note else {}),
     }
 
 
