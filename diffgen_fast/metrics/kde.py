@@ -922,7 +922,7 @@ def _plot_kl(ax, x: np.ndarray, kl: np.ndarray, color: str, *, yerr=None, label=
         ax.plot(x[~fin], np.full(int(np.sum(~fin)), top), "^", mfc="none", color=color, ms=6,
                 label=None if label is None else f"{label}: KL = inf (C singular)")  # fmt: skip
         if label is None:
-            ax.text(x[~fin][0], top, "  inf (C singular)", fontsize=7, va="center", color=color)
+            ax.text(x[~fin][0], top * 1.25, "inf (C singular)", fontsize=7, va="bottom", color=color)
 
 
 def analyze_kde(
