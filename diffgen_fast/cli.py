@@ -1116,30 +1116,55 @@ def analyze_gap_cmd(data, models, n_sigmas, n, seed, out_dir) -> None:
 
 
 @analyze.command("kde", short_help="Halder's relative distance to the KDE on Gaussian data, swept over N.")
-@click.option("--d", "d", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True, help="Dimension")
+@click.option("--d", "d", metavar="INT[,INT..]", default="8", show_default=True,
+              help="Dimension; a list (e.g. 4,16,32) also writes kde_scales.png: P(Delta > 0) and KL against N / d")
 @click.option("--ns", metavar="LIST", default="2,4,8,16,32,64,128,256", show_default=True,
               help="Training-set sizes N")
 @click.option("--redraws", metavar="INT", type=click.IntRange(min=2), default=40, show_default=True,
               help="Training sets drawn per N")
-@click.option("--generator", type=click.Choice(["gaussian", "kde"]), default="gaussian", show_default=True,
-              help="Generated distribution: the fitted Gaussian (generalizes) or the training KDE (memorizes)")
+@click.option("--generator", type=click.Choice(["gaussian", "kde", "linear"]), default="gaussian",
+              show_default=True,
+              help="Generated distribution: the fitted Gaussian (generalizes), the training KDE (memorizes) or "
+                   "Halder's least-squares linear one-step denoiser")
 @_SEED
 @_OUT
 def analyze_kde_cmd(d, ns, redraws, generator, seed, out_dir) -> None:
     """Halder (2024): on data N(0, I_d), E_TG = ||rho_gen - rho_T||^2 and E_OG = ||rho_gen - rho_O||^2 in closed form
     (Gaussian mixtures), Delta = E_TG - E_OG and P(Delta > 0) over redraws of the training set, and the KL of the
-    fitted Gaussian generator to the truth, per N. Writes kde_relative_distance.json and .png."""
-    from diffgen_fast.metrics.kde import analyze_kde
+    generator to the truth, per N. Writes kde_relative_distance.json and .png (for each d when several are given,
+    in d<d>/ subfolders, plus kde_scales.json and .png). --generator linear is the paper's tractable model: a linear
+    denoiser fitted by least squares from x_T (OU process to T = 2, l = e^-4) to y; its KL is inf while N <= d."""
+    from diffgen_fast.metrics.kde import analyze_kde, scales_figure
 
-    res = analyze_kde(d, _ints(ns, "--ns"), redraws=redraws, generator=generator, seed=seed, out_dir=out_dir)
-    rows = [
-        [str(N), f"{p:.2f}", f"{dm:+.3g}", f"{kl:.3g}"]
-        for N, p, dm, kl in zip(res["Ns"], res["p_positive"], res["delta_rel_mean"], res["kl_mean"])
-    ]
-    click.echo(f"d={d}, generator {generator}, {redraws} redraws per N; transition (P >= 0.5) at N = "
-               f"{res.get('transition_N')}")  # fmt: skip
-    click.echo(_table(["N", "P(Delta > 0)", "mean Delta / <rho_O, rho_O>", "KL(gen || true)"], rows, "rrrr"))
-    _echo_files(out_dir, ["kde_relative_distance.json", "kde_relative_distance.png"])
+    ds = _ints(d, "--d")
+    if any(v < 1 for v in ds):
+        raise click.BadParameter(f"expected dimensions >= 1, got {d!r}", param_hint="--d")
+    runs, names = [], []
+    for dim in ds:
+        sub = out_dir if len(ds) == 1 else Path(out_dir) / f"d{dim}"
+        res = analyze_kde(dim, _ints(ns, "--ns"), redraws=redraws, generator=generator, seed=seed, out_dir=sub)
+        runs.append(res)
+        prefix = "" if len(ds) == 1 else f"d{dim}/"
+        names += [prefix + "kde_relative_distance.json", prefix + "kde_relative_distance.png"]
+        rows = [
+            [str(N), f"{p:.2f}", f"{dm:+.3g}", "inf" if kl is None or kl == float("inf") else f"{kl:.3g}"]
+            for N, p, dm, kl in zip(res["Ns"], res["p_positive"], res["delta_rel_mean"], res["kl_mean"])
+        ]
+        click.echo(f"d={dim}, generator {generator}, {redraws} redraws per N; transition (P >= 0.5) at N = "
+                   f"{res.get('transition_N')}")  # fmt: skip
+        click.echo(_table(["N", "P(Delta > 0)", "mean Delta / <rho_O, rho_O>", "KL(gen || true)"], rows, "rrrr"))
+        inf_ns = [N for N, f in zip(res["Ns"], res.get("kl_finite_fraction", [])) if f < 1.0]
+        if inf_ns:
+            click.echo(f"KL = inf at N = {', '.join(map(str, inf_ns))}: the generated covariance C is singular "
+                       "(least squares from N points has rank <= N - 1 < d); Delta stays finite")  # fmt: skip
+    if len(ds) > 1:
+        from diffgen_fast.report import write_json_atomic
+
+        scales_figure(runs, Path(out_dir) / "kde_scales.png")
+        write_json_atomic({"ds": ds, "runs": [{k: v for k, v in r.items() if k != "files"} for r in runs]},
+                          Path(out_dir) / "kde_scales.json")  # fmt: skip
+        names += ["kde_scales.json", "kde_scales.png"]
+    _echo_files(out_dir, names)
 
 
 @analyze.command("sweep", short_help="Memorization and the Gaussian-structure metrics over nested subsets.")
@@ -1181,27 +1206,45 @@ def analyze_sweep_cmd(data, ns, metrics, model, n_samples, seed, out_dir) -> Non
 @click.option("--ns", metavar="LIST", default="16,64,256,1024,1797", show_default=True, help="Training-set sizes N")
 @click.option("--steps", metavar="INT", type=click.IntRange(min=1), default=None,
               help="Training steps per N (default 3000; 1000 with --quick)")
-@click.option("--quick", is_flag=True, default=False, help="Two small settings (N = 8, 128) in about 20 s")
+@click.option("--quick", is_flag=True, default=False, help="Two small settings (N = 8, 128) in well under a minute")
+@click.option("--arch", type=click.Choice(["mlp", "unet"]), default="mlp", show_default=True,
+              help="Network: EDM-preconditioned MLP or small convolutional UNet (image data only)")
+@click.option("--no-strong", is_flag=True, default=False,
+              help="Skip the twin networks on disjoint data (strong generalization)")
 @_SEED
 @click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bars")
 @_OUT
-def analyze_transition_cmd(data, ns, steps, quick, seed, no_progress, out_dir) -> None:
+def analyze_transition_cmd(data, ns, steps, quick, arch, no_strong, seed, no_progress, out_dir) -> None:
     """The memorization-to-generalization transition end to end, without downloads: for nested subsets of the data,
-    train an EDM-preconditioned MLP denoiser (width 512, depth 3), sample it (EDM Heun), and measure the memorized
-    fraction (NN ratio < 1/3 against the subset), the gap to the subset's empirical optimum D* and the distance to its
-    Gaussian denoiser D_G. Writes transition.json and transition.png. The default run takes a few minutes on 2 CPU
-    cores."""
+    train an EDM-preconditioned denoiser (MLP width 512, depth 3, or --arch unet), sample it (EDM Heun), and measure
+    the memorized fraction (NN ratio < 1/3 against the subset), the gap to the subset's empirical optimum D*, the
+    distance to its Gaussian denoiser D_G and the network's linearity score per sigma; for N <= n/2 a twin network
+    trained on a disjoint subset of the same size is sampled from the same noise (strong generalization: paired
+    samples agree more with each other than with their own training data at large N). Writes transition.json and
+    transition.png. The default run takes a few minutes on 2 CPU cores."""
     from diffgen_fast.metrics.transition import transition
 
     train = _analysis_data(data, seed)
     Ns = None if quick else [min(n, len(train)) for n in _ints(ns, "--ns")]
-    res = transition(train, Ns, steps=steps, seed=seed, quick=quick, out_dir=out_dir, progress=not no_progress)
-    rows = [
-        [str(N), f"{100 * f:.1f}%", f"{g:.4f}", f"{dg:.3f}"]
-        for N, f, g, dg in zip(res["Ns"], res["memorized_fraction"], res["gap_to_dstar_mean"], res["dist_to_dg_mean"])
-    ]
-    click.echo(f"{data}: {res['settings'].get('steps')} training steps per N; {res['wall_seconds']:.0f} s")
-    click.echo(_table(["N", "memorized", "gap to D* (mean over sigma)", "||D - D_G|| / ||D_G||"], rows, "rrrr"))
+    res = transition(train, Ns, steps=steps, seed=seed, quick=quick, arch=arch, strong=not no_strong,
+                     out_dir=out_dir, progress=not no_progress)  # fmt: skip
+    st = res["strong"]
+    rows = []
+    for i, N in enumerate(res["Ns"]):
+        lin = res["linearity"][i]
+        row = [str(N), f"{100 * res['memorized_fraction'][i]:.1f}%", f"{res['gap_to_dstar_mean'][i]:.4f}",
+               f"{res['dist_to_dg_mean'][i]:.3f}", f"{min(lin):.3f}"]  # fmt: skip
+        if N in st["Ns"]:
+            j = st["Ns"].index(N)
+            row += [f"{st['pair_cos'][j]:.3f} / {st['nn_cos'][j]:.3f}",
+                    f"{st['pair_l2'][j]:.2f} / {st['nn_l2'][j]:.2f}"]  # fmt: skip
+        else:
+            row += ["-", "-"]
+        rows.append(row)
+    head = ["N", "memorized", "gap to D* (mean over sigma)", "||D - D_G|| / ||D_G||", "min linearity",
+            "cos pair / own NN", "L2 pair / own NN"]  # fmt: skip
+    click.echo(f"{data}: {arch}, {res['settings'].get('steps')} training steps per N; {res['wall_seconds']:.0f} s")
+    click.echo(_table(head, rows, "rrrrrrr"))
     _echo_files(out_dir, ["transition.json", "transition.png"])
 
 

@@ -7,7 +7,10 @@ EDMPrecondMLP (Karras et al. 2022, "Elucidating the design space", Table 1):
     c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = ln(sigma) / 4
 
 with F an MLP (SiLU) on [c_in x, Fourier features of c_noise]; the noise embedding is also added to every hidden
-layer. train_denoiser minimises EDM's loss E_{sigma, y, n} lambda(sigma) ||D(y + sigma n; sigma) - y||^2 with
+layer. EDMPrecondUNet has the same preconditioning and call convention with F a small convolutional UNet (two
+resolution levels, residual conv blocks with GroupNorm and SiLU, the noise embedding added in every block), for
+image-shaped items (C, H, W) with even H and W.
+train_denoiser minimises EDM's loss E_{sigma, y, n} lambda(sigma) ||D(y + sigma n; sigma) - y||^2 with
 lambda = (sigma^2 + sd^2) / (sigma sd)^2 and ln(sigma) ~ N(P_mean, P_std^2), by Adam, reproducibly from a seed.
 """
 
@@ -21,7 +24,7 @@ import torch
 
 from diffgen_fast.errors import InputError, InputTypeError
 
-__all__ = ["EDMPrecondMLP", "train_denoiser"]
+__all__ = ["EDMPrecondMLP", "EDMPrecondUNet", "train_denoiser"]
 
 
 def _is_int(v) -> bool:
@@ -117,7 +120,7 @@ class EDMPrecondMLP(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None):
         if class_labels is not None:
-            raise InputError("class_labels: EDMPrecondMLP is unconditional")
+            raise InputError(f"class_labels: {type(self).__name__} is unconditional")
         xt = torch.as_tensor(x)
         if xt.ndim < 1 or xt.shape[0] < 1 or math.prod(xt.shape[1:]) != self.d:
             raise InputError(f"x: expected [M, *{self.shape}] (or [M, {self.d}]), got {tuple(xt.shape)}")
@@ -141,6 +144,105 @@ class EDMPrecondMLP(torch.nn.Module):
         return out.to(device=xt.device, dtype=xt.dtype if xt.is_floating_point() else p.dtype).reshape(xt.shape)
 
 
+class _ResBlock(torch.nn.Module):
+    """GroupNorm-SiLU-conv3x3, + noise embedding (per channel), GroupNorm-SiLU-conv3x3, residual (1x1 if needed)."""
+
+    def __init__(self, cin: int, cout: int, emb: int):
+        super().__init__()
+        self.n1 = torch.nn.GroupNorm(_groups(cin), cin)
+        self.c1 = torch.nn.Conv2d(cin, cout, 3, padding=1)
+        self.e = torch.nn.Linear(emb, cout)
+        self.n2 = torch.nn.GroupNorm(_groups(cout), cout)
+        self.c2 = torch.nn.Conv2d(cout, cout, 3, padding=1)
+        torch.nn.init.zeros_(self.c2.weight)  # each block starts as the identity (its skip)
+        torch.nn.init.zeros_(self.c2.bias)
+        self.skip = torch.nn.Conv2d(cin, cout, 1) if cin != cout else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        silu = torch.nn.functional.silu
+        h = self.c1(silu(self.n1(x))) + self.e(emb)[:, :, None, None]
+        h = self.c2(silu(self.n2(h)))
+        return self.skip(x) + h
+
+
+def _groups(c: int) -> int:
+    for g in (8, 4, 2):
+        if c % g == 0:
+            return g
+    return 1
+
+
+class EDMPrecondUNet(EDMPrecondMLP):
+    """A small convolutional UNet denoiser with EDM preconditioning and EDM's call convention (see EDMPrecondMLP).
+
+    F(c_in x, c_noise): conv3x3 in; at full resolution ``blocks`` residual blocks of ``channels`` channels; a stride-2
+    conv down; ``blocks`` residual blocks of 2 ``channels`` at half resolution (the bottleneck); nearest-neighbour
+    up, concatenation with the full-resolution skip and ``blocks`` residual blocks back to ``channels``;
+    GroupNorm-SiLU-conv3x3 out (zero-initialised, so F = 0 at init). The noise level enters as Fourier features of
+    c_noise through a 2-layer MLP, added per channel in every residual block. With the defaults (channels 32,
+    blocks 1) it has ~0.2 M parameters and trains on 8x8 digits at roughly 10 steps of batch 128 per second on
+    2 CPU cores.
+
+    Args:
+        shape: the item shape (C, H, W), H and W even.
+        channels, blocks: width at full resolution and residual blocks per stage.
+        sigma_data, n_freq, seed: as in EDMPrecondMLP.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        channels: int = 32,
+        blocks: int = 1,
+        sigma_data: float = 0.5,
+        n_freq: int = 8,
+        seed: Optional[int] = None,
+    ):
+        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 3 and all(_is_int(v) for v in shape)):
+            raise InputTypeError(f"shape: expected an image item shape (C, H, W), got {shape!r}")
+        if any(v < 1 for v in shape) or shape[1] % 2 or shape[2] % 2:
+            raise InputError(f"shape: expected positive sizes with even H and W, got {tuple(shape)!r}")
+        for name, v in (("channels", channels), ("blocks", blocks)):
+            if not _is_int(v) or v < 1:
+                raise InputError(f"{name}: expected an int >= 1, got {v!r}")
+        self.channels = int(channels)
+        self.blocks = int(blocks)
+        super().__init__(tuple(shape), hidden=int(channels), depth=1, sigma_data=sigma_data, n_freq=n_freq, seed=seed)
+
+    def _build(self) -> None:
+        C, ch, e = self.shape[0], self.channels, 2 * self.n_freq
+        emb = 4 * ch
+        self.emb_mlp = torch.nn.Sequential(torch.nn.Linear(e, emb), torch.nn.SiLU(), torch.nn.Linear(emb, emb))
+        self.conv_in = torch.nn.Conv2d(C, ch, 3, padding=1)
+        self.enc = torch.nn.ModuleList(_ResBlock(ch, ch, emb) for _ in range(self.blocks))
+        self.down = torch.nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.mid = torch.nn.ModuleList(_ResBlock(ch if i == 0 else 2 * ch, 2 * ch, emb) for i in range(self.blocks))
+        self.dec = torch.nn.ModuleList(_ResBlock(3 * ch if i == 0 else ch, ch, emb) for i in range(self.blocks))
+        self.norm_out = torch.nn.GroupNorm(_groups(ch), ch)
+        self.out = torch.nn.Conv2d(ch, C, 3, padding=1)
+        torch.nn.init.zeros_(self.out.weight)  # F = 0 at init: D starts as c_skip x + c_out b
+        torch.nn.init.zeros_(self.out.bias)
+
+    def F(self, x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        """The raw network F(c_in x, c_noise) on flat inputs [M, d], c_noise [M] -> [M, d]."""
+        M = x_in.shape[0]
+        emb = self.emb_mlp(self.embed(c_noise))
+        h = self.conv_in(x_in.reshape(M, *self.shape))
+        for blk in self.enc:
+            h = blk(h, emb)
+        skip = h
+        h = self.down(h)
+        for blk in self.mid:
+            h = blk(h, emb)
+        h = torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+        h = torch.cat([h, skip], dim=1)
+        for blk in self.dec:
+            h = blk(h, emb)
+        h = self.out(torch.nn.functional.silu(self.norm_out(h)))
+        return h.reshape(M, self.d)
+
+
 def train_denoiser(
     model: EDMPrecondMLP,
     train,
@@ -156,7 +258,7 @@ def train_denoiser(
     """Train an EDM-preconditioned denoiser on a training set with EDM's loss; returns the loss of every step.
 
     Args:
-        model: an EDMPrecondMLP (or any module with the EDM call and a sigma_data attribute).
+        model: an EDMPrecondMLP / EDMPrecondUNet (or any module with the EDM call and a sigma_data attribute).
         train: TrainingSet or anything TrainingSet.coerce accepts; its item size must match the model.
         steps, batch, lr: Adam steps, minibatch size (drawn with replacement), learning rate (cosine-decayed to
             lr / 20 over the run, after a short warm-up).

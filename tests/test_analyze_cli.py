@@ -65,3 +65,15 @@ def test_analyze_bad_arguments(tmp_path):
     assert r.exit_code == 2 and "--ns" in r.output
     r = CliRunner().invoke(main, ["analyze", "gaussian", "--data", "gaussian:x", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "--data" in r.output
+
+
+def test_analyze_kde_linear_several_d(tmp_path):
+    r = CliRunner().invoke(main, ["analyze", "kde", "--generator", "linear", "--d", "4,8", "--ns", "2,32",
+                                  "--redraws", "3", "--out", str(tmp_path)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "generator linear" in r.output and "KL = inf at N = 2" in r.output
+    for f in ("d4/kde_relative_distance.json", "d8/kde_relative_distance.png", "kde_scales.json", "kde_scales.png"):
+        assert (tmp_path / f).stat().st_size > 0 and f in r.output
+    js = json.loads((tmp_path / "kde_scales.json").read_text())
+    assert js["ds"] == [4, 8] and js["runs"][0]["Ns"] == [2, 32] and js["runs"][1]["kl_mean"][0] is None
+    assert set(js["runs"][0]) >= {"Ns", "p_positive", "kl_mean", "kl_finite_fraction", "kl_reason"}

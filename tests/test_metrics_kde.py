@@ -17,7 +17,10 @@ from diffgen_fast.metrics.kde import (
     gaussian_kl_mc,
     gaussian_mixture,
     gaussian_mixture_inner,
+    halder_bandwidth,
     l2_distance,
+    linear_denoiser_fit,
+    linear_kl,
     log_l2_distance,
     relative_distance,
     silverman_bandwidth,
@@ -229,3 +232,99 @@ def test_analyze_kde_writes_json_and_png(tmp_path):
 def test_bad_arguments_raise_input_error(call, name):
     with pytest.raises(InputError, match=rf"\b{name}\b"):
         call()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Halder's linear one-step denoiser (generator "linear")
+
+
+def _halder_xy(N, d, seed=0, T=2.0):
+    rng = np.random.default_rng(seed)
+    y = 0.5 + 1.3 * rng.standard_normal((N, d))
+    z = rng.standard_normal((N, d))
+    l = math.exp(-2 * T)  # noqa: E741
+    x = math.exp(-T) * y + math.sqrt(l * (1 - math.exp(-2 * T))) * z
+    return y, z, x
+
+
+def test_linear_fit_matches_direct_least_squares():
+    # N > d + 1: the least-squares problem with an intercept has one solution; solve it directly on [1, x]
+    y, z, x = _halder_xy(40, 6, seed=1)
+    fit = linear_denoiser_fit(y, noise=z)
+    np.testing.assert_allclose(fit.x_T, x, rtol=1e-12, atol=1e-12)
+    coef, *_ = np.linalg.lstsq(np.hstack([np.ones((40, 1)), x]), y, rcond=None)
+    np.testing.assert_allclose(fit.beta0, coef[0], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(fit.beta1, coef[1:].T, rtol=1e-9, atol=1e-9)
+    # the generated Gaussian: inputs N(e^-T ybar, v I), v from the pooled unbiased variance
+    v = math.exp(-4) * np.var(y, axis=0, ddof=1).mean() + math.exp(-4) * (1 - math.exp(-4))
+    assert fit.input_var == pytest.approx(v, rel=1e-12)
+    np.testing.assert_allclose(fit.mu, coef[0] + coef[1:].T @ (math.exp(-2) * y.mean(0)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(fit.C, v * coef[1:].T @ coef[1:], rtol=1e-9, atol=1e-9)
+    assert fit.rank == 6 and not fit.singular
+    # N <= d: rank deficient; the minimum-norm solution on centred data (scikit-learn's LinearRegression), rank N - 1
+    y, z, x = _halder_xy(5, 8, seed=2)
+    fit = linear_denoiser_fit(y, noise=z)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    B = np.linalg.pinv(xc) @ yc
+    np.testing.assert_allclose(fit.beta1, B.T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(fit.beta0, y.mean(0) - B.T @ x.mean(0), rtol=1e-8, atol=1e-10)
+    assert fit.rank == 4 and fit.singular
+    assert np.linalg.matrix_rank(fit.C) == 4
+
+
+def test_linear_kl_closed_form_vs_monte_carlo():
+    y, z, _ = _halder_xy(60, 5, seed=3)
+    fit = linear_denoiser_fit(y, noise=z)
+    k = linear_kl(fit, m=0.5, s=1.3)
+    assert k["finite"] and k["reason"] is None and k["rank"] == 5
+    assert k["kl"] == pytest.approx(gaussian_kl(fit.mu, fit.C, 0.5, 1.3), rel=1e-9)
+    mc = gaussian_kl_mc(fit.mu, fit.C, 0.5, 1.3, n=200_000, seed=4)
+    assert abs(mc["kl"] - k["kl"]) < 4 * mc["stderr"] + 1e-3
+
+
+def test_linear_singular_is_inf_not_a_wrong_number(tmp_path):
+    y, z, _ = _halder_xy(6, 10, seed=5)
+    fit = linear_denoiser_fit(y, noise=z)
+    k = linear_kl(fit)
+    assert k["kl"] == math.inf and not k["finite"] and "singular" in k["reason"] and k["rank"] == 5
+    r = relative_distance(y, m=0.5, s=1.3, generator="linear", _fit=fit)
+    assert r["E_TG"] == math.inf and r["E_OG"] == math.inf and r["log_inner"]["GG"] == math.inf
+    assert math.isfinite(r["Delta_rel"]) and r["kl"] == math.inf and r["rank"] == 5
+    res = analyze_kde(4, [2, 16], redraws=3, generator="linear", out_dir=tmp_path)
+    js = json.loads((tmp_path / "kde_relative_distance.json").read_text())
+    assert res["kl_mean"][0] == math.inf and js["kl_mean"][0] is None  # strict JSON: inf is null ...
+    assert js["kl_finite_fraction"] == [0.0, 1.0] and "singular" in js["kl_reason"][0]  # ... with the reason
+    assert js["kl_reason"][1] is None and math.isfinite(js["kl_mean"][1])
+
+
+def test_linear_delta_matches_generic_mixtures():
+    # full-rank C: E_TG, E_OG from the generic full-covariance mixture code
+    y, z, _ = _halder_xy(30, 4, seed=6)
+    fit = linear_denoiser_fit(y, noise=z)
+    h = 0.4
+    r = relative_distance(y, m=0.5, s=1.3, generator="linear", h=h, _fit=fit)
+    g = gaussian_mixture(fit.mu, fit.C)
+    T = gaussian_mixture(y, h * h)
+    O = gaussian_mixture(np.full(4, 0.5), 1.3**2)
+    assert r["E_TG"] == pytest.approx(l2_distance(g, T), rel=1e-8)
+    assert r["E_OG"] == pytest.approx(l2_distance(g, O), rel=1e-8)
+    assert r["Delta"] == pytest.approx(l2_distance(g, T) - l2_distance(g, O), rel=1e-7, abs=1e-12)
+    # singular C: Delta is the limit of Delta(C + delta I) as delta -> 0 (<g, g> cancels)
+    y, z, _ = _halder_xy(3, 4, seed=7)
+    fit = linear_denoiser_fit(y, noise=z)
+    r = relative_distance(y, m=0.5, s=1.3, generator="linear", h=h, _fit=fit)
+    T = gaussian_mixture(y, h * h)
+    g = gaussian_mixture(fit.mu, fit.C + 1e-7 * np.eye(4))
+    assert r["Delta"] == pytest.approx(l2_distance(g, T) - l2_distance(g, O), rel=1e-4)
+    assert r["h"] == h and halder_bandwidth(3, 4, 1.3) == pytest.approx(1.3 * 3 ** (-1 / 4))
+
+
+def test_linear_transition_quick():
+    # P(Delta > 0) low while N <= d (KL inf), 1 for N >> d (KL finite and falling)
+    res = delta_sweep(4, [2, 32, 128], redraws=20, generator="linear", seed=0)
+    p, kl = res["p_positive"], res["kl_mean"]
+    assert p[0] <= 0.3 and p[1] >= 0.9 and p[2] >= 0.9
+    assert kl[0] == math.inf and math.isfinite(kl[1]) and kl[2] < kl[1]
+    assert res["settings"]["h_rule"].startswith("halder") and res["settings"]["T"] == 2.0
+    assert res["rank_mean"][0] == 1.0 and res["rank_mean"][1] == 4.0
+    assert res["transition_N"] == 32

@@ -43,23 +43,29 @@ import numpy as np
 
 from diffgen_fast.errors import InputError
 
-GENERATORS = ("gaussian", "kde")
+GENERATORS = ("gaussian", "kde", "linear")
 _CHUNK_ELEMS = 1 << 22  # ~32 MiB of float64 per pairwise-difference block
 _LOG_2PI = math.log(2.0 * math.pi)
 
 __all__ = [
     "GENERATORS",
     "GaussianMixture",
+    "LinearDenoiserFit",
     "analyze_kde",
+    "analyze_kde_scales",
     "delta_sweep",
     "gaussian_kl",
     "gaussian_kl_mc",
     "gaussian_mixture",
     "gaussian_mixture_inner",
     "gaussian_mixture_log_inner",
+    "halder_bandwidth",
     "l2_distance",
+    "linear_denoiser_fit",
+    "linear_kl",
     "log_l2_distance",
     "relative_distance",
+    "scales_figure",
     "silverman_bandwidth",
 ]
 
@@ -126,6 +132,14 @@ def _train_array(train: Any, where: str) -> np.ndarray:
     if y.shape[1] < 1:
         raise InputError(f"{where}: train needs d >= 1, got shape {tuple(y.shape)}")
     return y
+
+
+def halder_bandwidth(N: int, d: int, s: float = 1.0) -> float:
+    """The KDE bandwidth of Halder's reference code, h = s * N^(-1/d)."""
+    N = _int_at_least(N, 2, "N", "halder_bandwidth")
+    d = _int_at_least(d, 1, "d", "halder_bandwidth")
+    s = _positive(s, "s", "halder_bandwidth")
+    return s * N ** (-1.0 / d)
 
 
 def silverman_bandwidth(N: int, d: int, s: float = 1.0) -> float:
@@ -327,7 +341,54 @@ def l2_distance(p: GaussianMixture, q: GaussianMixture) -> float:
 # Halder's relative distance
 
 
-class _FittedGaussian:
+class _LowRankGaussian:
+    """N(mu, V diag(lam) V^T + e I) with V [d, r] orthonormal and lam [r] > 0: the covariance has rank r <= d.
+
+    Quadratic forms and log-determinants with an isotropic ``extra`` variance e cost O(r d); with e = 0 and r < d the
+    Gaussian is degenerate (no density): its log-determinant is -inf and its KL to any Gaussian with a density is +inf.
+    """
+
+    def __init__(self, mu: np.ndarray, V: np.ndarray, lam: np.ndarray):
+        self.mu = mu
+        self.d = int(mu.shape[0])
+        self.V = V  # [d, r]
+        self.lam = lam  # [r]
+
+    @property
+    def rank(self) -> int:
+        return int(len(self.lam))
+
+    @property
+    def singular(self) -> bool:
+        return self.rank < self.d
+
+    def logdet(self, extra: float) -> float:
+        r = len(self.lam)
+        if extra == 0.0:
+            return -math.inf if r < self.d else float(np.sum(np.log(self.lam)))
+        return float(np.sum(np.log(self.lam + extra))) + (self.d - r) * math.log(extra)
+
+    def log_pdf(self, x: np.ndarray, extra: float) -> np.ndarray:
+        """log N(x; mu, C + extra I) for x [M, d] (extra > 0)."""
+        diff = x - self.mu
+        z = diff @ self.V  # [M, r]
+        rest = diff - z @ self.V.T  # component outside the span of C
+        quad = np.sum(z * z / (self.lam + extra), axis=1) + np.sum(rest * rest, axis=1) / extra
+        return -0.5 * quad - 0.5 * self.logdet(extra) - 0.5 * self.d * _LOG_2PI
+
+    def kl_to_truth(self, h2: float, m: float, s: float) -> float:
+        """KL(N(mu, C + h2 I) || N(m 1, s^2 I)) from the spectrum (docs/science.md 6.1); +inf when h2 = 0 and C is
+        singular (the generated distribution has no density with respect to the truth's)."""
+        d, s2 = self.d, s * s
+        logdet = self.logdet(h2)
+        if logdet == -math.inf:
+            return math.inf
+        diff = self.mu - m
+        tr = float(np.sum(self.lam)) + d * h2
+        return 0.5 * (tr / s2 + float(diff @ diff) / s2 - d + d * math.log(s2) - logdet)
+
+
+class _FittedGaussian(_LowRankGaussian):
     """N(mu_hat, C_hat + e I) for the sample mean / unbiased covariance of y, from one thin SVD of the centred data.
 
     C_hat = V diag(lam) V^T with V [d, r], r = min(N, d): the other d - r eigenvalues are 0, so every quadratic form
@@ -335,31 +396,125 @@ class _FittedGaussian:
     """
 
     def __init__(self, y: np.ndarray):
-        N, d = y.shape
-        self.d = d
-        self.mu = y.mean(axis=0)
-        _, sv, vt = np.linalg.svd(y - self.mu, full_matrices=False)
-        self.V = vt.T  # [d, r]
-        self.lam = sv * sv / (N - 1)  # [r]
+        N, _ = y.shape
+        mu = y.mean(axis=0)
+        _, sv, vt = np.linalg.svd(y - mu, full_matrices=False)
+        super().__init__(mu, vt.T, sv * sv / (N - 1))
 
-    def logdet(self, extra: float) -> float:
-        r = len(self.lam)
-        return float(np.sum(np.log(self.lam + extra))) + (self.d - r) * math.log(extra)
 
-    def log_pdf(self, x: np.ndarray, extra: float) -> np.ndarray:
-        """log N(x; mu_hat, C_hat + extra I) for x [M, d]."""
-        diff = x - self.mu
-        z = diff @ self.V  # [M, r]
-        rest = diff - z @ self.V.T  # component outside the span of the centred data
-        quad = np.sum(z * z / (self.lam + extra), axis=1) + np.sum(rest * rest, axis=1) / extra
-        return -0.5 * quad - 0.5 * self.logdet(extra) - 0.5 * self.d * _LOG_2PI
+# ----------------------------------------------------------------------------------------------------------------------
+# Halder's analytically tractable model: a linear, one-step denoiser fitted by least squares
 
-    def kl_to_truth(self, h2: float, m: float, s: float) -> float:
-        """KL(N(mu_hat, C_hat + h2 I) || N(m 1, s^2 I)) from the spectrum (docs/science.md 6.1)."""
-        d, s2 = self.d, s * s
-        diff = self.mu - m
-        tr = float(np.sum(self.lam)) + d * h2
-        return 0.5 * (tr / s2 + float(diff @ diff) / s2 - d + d * math.log(s2) - self.logdet(h2))
+
+@dataclass(frozen=True)
+class LinearDenoiserFit:
+    """Halder's linear one-step denoiser y ~ beta0 + beta1 x_T and the Gaussian N(mu, C) it generates.
+
+    Forward (Ornstein-Uhlenbeck to time T): x_T = e^{-T} y + sqrt(l (1 - e^{-2T})) z, one z ~ N(0, I) per training
+    point. beta0 [d], beta1 [d, d] by ordinary least squares with an intercept (the minimum-norm solution when the
+    problem is rank deficient, N <= d: what scikit-learn's LinearRegression returns). Generated distribution: inputs
+    x_T ~ N(e^{-T} ybar, v I), v = e^{-2T} var(y) + l (1 - e^{-2T}) (var(y) the unbiased per-coordinate variance of the
+    training set averaged over coordinates, as the reference code computes it), so
+
+        mu = beta0 + beta1 e^{-T} ybar,   C = v beta1 beta1^T = V diag(lam) V^T (the rank-r nonzero spectrum).
+
+    C has rank <= N - 1 (the intercept costs one), so it is singular, N(mu, C) has no density and its KL to the truth
+    is +inf, whenever N <= d.
+    """
+
+    beta0: np.ndarray  # [d]
+    beta1: np.ndarray  # [d, d]
+    mu: np.ndarray  # [d]
+    V: np.ndarray  # [d, r]
+    lam: np.ndarray  # [r]
+    T: float
+    l: float  # noqa: E741
+    input_var: float  # v
+    x_T: np.ndarray  # [N, d] the forward samples the fit used
+
+    @property
+    def d(self) -> int:
+        return int(self.mu.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(len(self.lam))
+
+    @property
+    def singular(self) -> bool:
+        return self.rank < self.d
+
+    @property
+    def C(self) -> np.ndarray:
+        """The generated covariance [d, d] (PSD; singular when rank < d)."""
+        return (self.V * self.lam) @ self.V.T
+
+    def gaussian(self) -> _LowRankGaussian:
+        return _LowRankGaussian(self.mu, self.V, self.lam)
+
+
+def linear_denoiser_fit(
+    train: Any,
+    *,
+    T: float = 2.0,
+    l: Optional[float] = None,  # noqa: E741
+    seed: int = 0,
+    noise: Any = None,
+) -> LinearDenoiserFit:
+    """Fit Halder's linear one-step denoiser on ``train`` [N, d] (:class:`LinearDenoiserFit` for the definitions).
+
+    Args:
+        train: [N, d] training points, N >= 2.
+        T: the forward time (Halder's code: 2).
+        l: the generalization parameter; default e^{-2T} (Halder's code).
+        seed: seeds the forward noise z (ignored when ``noise`` is given).
+        noise: the forward noise z [N, d] itself (for tests).
+    """
+    where = "linear_denoiser_fit"
+    y = _train_array(train, where)
+    N, d = y.shape
+    T = _positive(T, "T", where)
+    l = math.exp(-2.0 * T) if l is None else _positive(l, "l", where)  # noqa: E741
+    if noise is None:
+        z = np.random.default_rng(_int_at_least(seed, 0, "seed", where)).standard_normal((N, d))
+    else:
+        z = _as_array(noise, "noise", where)
+        if z.shape != (N, d):
+            raise InputError(f"{where}: noise must be [N, d] = [{N}, {d}], got shape {tuple(z.shape)}")
+    a = math.exp(-T)
+    x = a * y + math.sqrt(l * (1.0 - a * a)) * z
+    xbar, ybar = x.mean(axis=0), y.mean(axis=0)
+    # OLS with intercept = least squares on centred data (minimum-norm solution where rank deficient)
+    B, *_ = np.linalg.lstsq(x - xbar, y - ybar, rcond=None)  # (x - xbar) B ~ (y - ybar), B [d, d]
+    beta1 = B.T
+    beta0 = ybar - beta1 @ xbar
+    var_y = float(np.mean(np.var(y, axis=0, ddof=1)))
+    v = a * a * var_y + l * (1.0 - a * a)
+    mu = beta0 + beta1 @ (a * ybar)
+    U, S, _ = np.linalg.svd(beta1)
+    tol = (S[0] if len(S) else 0.0) * max(N, d) * np.finfo(np.float64).eps
+    keep = S > tol
+    return LinearDenoiserFit(
+        beta0=beta0, beta1=beta1, mu=mu, V=U[:, keep], lam=v * S[keep] ** 2, T=T, l=l, input_var=v, x_T=x
+    )
+
+
+def linear_kl(fit: LinearDenoiserFit, m: float = 0.0, s: float = 1.0) -> dict:
+    """KL(N(mu, C) || N(m 1, s^2 I)) of Halder's linear generator, with the reason when it is not finite.
+
+    Returns {"kl": float (math.inf when C is singular), "finite": bool, "rank": r, "d": d, "reason": str or None}.
+    """
+    where = "linear_kl"
+    m = _finite(m, "m", where)
+    s = _positive(s, "s", where)
+    kl = fit.gaussian().kl_to_truth(0.0, m, s)
+    reason = None
+    if not math.isfinite(kl):
+        reason = (
+            f"C is singular (rank {fit.rank} < d = {fit.d}; least squares from N points has rank <= N - 1): "
+            "N(mu, C) has no density, KL = +inf"
+        )
+    return {"kl": kl, "finite": math.isfinite(kl), "rank": fit.rank, "d": fit.d, "reason": reason}
 
 
 def relative_distance(
@@ -370,20 +525,32 @@ def relative_distance(
     generator: str = "gaussian",
     h: Optional[float] = None,
     h_gen: Optional[float] = None,
+    T: float = 2.0,
+    l: Optional[float] = None,  # noqa: E741
+    seed: int = 0,
+    _fit: Optional[LinearDenoiserFit] = None,
 ) -> dict:
     """E_TG, E_OG and Delta = E_TG - E_OG for one training set (module docstring for the definitions).
 
     Args:
         train: [N, d] training points (N >= 2).
         m, s: the true distribution rho_O = N(m 1, s^2 I), s > 0.
-        generator: "gaussian" (rho_gen = N(mu_hat, C_hat + h^2 I)) or "kde" (rho_gen = KDE of train with h_gen).
-        h: KDE bandwidth of rho_T; default :func:`silverman_bandwidth` (N, d, s).
-        h_gen: bandwidth of the "kde" generator; default h (then rho_gen = rho_T). Ignored for "gaussian".
+        generator: "gaussian" (rho_gen = N(mu_hat, C_hat + h^2 I)), "kde" (rho_gen = KDE of train with h_gen) or
+            "linear" (rho_gen = N(mu, C) of Halder's least-squares linear one-step denoiser,
+            :func:`linear_denoiser_fit`).
+        h: KDE bandwidth of rho_T; default :func:`silverman_bandwidth` (N, d, s) for "gaussian" and "kde",
+            :func:`halder_bandwidth` (N, d, s) = s N^(-1/d) for "linear" (the reference code's epsilon).
+        h_gen: bandwidth of the "kde" generator; default h (then rho_gen = rho_T). Ignored otherwise.
+        T, l, seed: the "linear" generator's forward time, generalization parameter (default e^{-2T}) and the seed
+            of its forward noise. Ignored otherwise.
     Returns:
         dict with float64 ``E_TG``, ``E_OG``, ``Delta`` (linear; may underflow to 0 for large d), their log-scale
         versions ``log_E_TG``, ``log_E_OG``, ``log_abs_Delta`` and ``sign_Delta``, the scale-free
         ``Delta_rel`` = Delta / <rho_O, rho_O> (also ``E_TG_rel``, ``E_OG_rel``), the log inner products
-        ``log_inner`` {TT, OO, GT, GO, GG, TO}, and the settings (N, d, m, s, h, h_gen, generator).
+        ``log_inner`` {TT, OO, GT, GO, GG, TO}, and the settings (N, d, m, s, h, h_gen, generator). For "linear"
+        also ``rank`` (of C), ``kl`` (+inf when C is singular) and ``kl_reason``; when C is singular N(mu, C) is not
+        square integrable: ``E_TG`` and ``E_OG`` are +inf (``GG`` = +inf) while Delta, in which <g, g> cancels, is
+        finite.
     """
     where = "relative_distance"
     y = _train_array(train, where)
@@ -391,7 +558,10 @@ def relative_distance(
     m = _finite(m, "m", where)
     s = _positive(s, "s", where)
     generator = _generator(generator, where)
-    h = silverman_bandwidth(N, d, s) if h is None else _positive(h, "h", where)
+    if h is None:
+        h = halder_bandwidth(N, d, s) if generator == "linear" else silverman_bandwidth(N, d, s)
+    else:
+        h = _positive(h, "h", where)
     if generator == "kde":
         h_gen = h if h_gen is None else _positive(h_gen, "h_gen", where)
     else:
@@ -408,6 +578,14 @@ def relative_distance(
         lGT = gaussian_mixture_log_inner(rho_G, rho_T)
         lGO = gaussian_mixture_log_inner(rho_G, rho_O)
         lGG = gaussian_mixture_log_inner(rho_G, rho_G)
+    elif generator == "linear":
+        # g = N(mu, C), C = V diag(lam) V^T of rank r: <g, T> = mean_i N(y_i; mu, C + h^2 I),
+        # <g, O> = N(m 1; mu, C + s^2 I), <g, g> = N(0; 0, 2 C) (+inf when C is singular)
+        fit = _fit if _fit is not None else linear_denoiser_fit(y, T=T, l=l, seed=seed)
+        g = fit.gaussian()
+        lGT = float(_logsumexp(g.log_pdf(y, h * h), axis=0)) - math.log(N)
+        lGO = float(g.log_pdf(np.full((1, d), m), s * s)[0])
+        lGG = math.inf if g.singular else -0.5 * d * _LOG_2PI - 0.5 * (d * math.log(2.0) + g.logdet(0.0))
     else:
         # g = N(mu_hat, C), C = C_hat + h^2 I, from one thin SVD of the centred data:
         # <g, T> = mean_i N(y_i; mu_hat, C_hat + 2 h^2 I), <g, O> = N(m 1; mu_hat, C_hat + (h^2 + s^2) I),
@@ -418,8 +596,11 @@ def relative_distance(
         lGG = -0.5 * d * _LOG_2PI - 0.5 * (d * math.log(2.0) + fit.logdet(h * h))
 
     same = generator == "kde" and h_gen == h  # rho_gen == rho_T exactly
-    log_E_TG = -math.inf if same else _log_distance_from_inners(lGG, lGT, lTT)
-    log_E_OG = _log_distance_from_inners(lGG, lGO, lOO)
+    if lGG == math.inf:  # a degenerate generated Gaussian: int g^2 = +inf
+        log_E_TG = log_E_OG = math.inf
+    else:
+        log_E_TG = -math.inf if same else _log_distance_from_inners(lGG, lGT, lTT)
+        log_E_OG = _log_distance_from_inners(lGG, lGO, lOO)
     # Delta = (<T,T> - <O,O>) + 2 (<g,O> - <g,T>): <g,g> cancels exactly
     la, sa = _log_diff(lTT, lOO)
     lb, sb = _log_diff(lGO, lGT)
@@ -428,9 +609,11 @@ def relative_distance(
         log_abs_delta, sign_delta = log_E_OG, (-1.0 if math.isfinite(log_E_OG) else 0.0)
 
     def _lin(logv: float, sign: float = 1.0) -> float:
+        if logv == math.inf:
+            return sign * math.inf
         return sign * math.exp(logv) if math.isfinite(logv) else 0.0
 
-    return {
+    out = {
         "generator": generator,
         "N": int(N),
         "d": int(d),
@@ -450,6 +633,10 @@ def relative_distance(
         "Delta_rel": _lin(log_abs_delta - lOO, sign_delta),
         "log_inner": {"TT": lTT, "OO": lOO, "TO": lTO, "GT": lGT, "GO": lGO, "GG": lGG},
     }
+    if generator == "linear":
+        klr = linear_kl(fit, m, s)
+        out.update({"T": fit.T, "l": fit.l, "rank": fit.rank, "kl": klr["kl"], "kl_reason": klr["reason"]})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -541,18 +728,24 @@ def delta_sweep(
     h: Optional[float] = None,
     h_gen: Optional[float] = None,
     seed: int = 0,
+    T: float = 2.0,
+    l: Optional[float] = None,  # noqa: E741
 ) -> dict:
     """Delta = E_TG - E_OG over ``redraws`` training sets of each size N drawn from N(m 1, s^2 I_d).
 
-    The bandwidth is h for every N when given, else :func:`silverman_bandwidth` (N, d, s) per N. The training sets
-    for size N come from ``np.random.default_rng([seed, N])`` (reproducible, independent across N).
+    The bandwidth is h for every N when given, else :func:`silverman_bandwidth` (N, d, s) per N for the "gaussian"
+    and "kde" generators and :func:`halder_bandwidth` (N, d, s) = s N^(-1/d) for "linear". The training sets for size
+    N (and the "linear" generator's forward noise, drawn after each set) come from ``np.random.default_rng([seed, N])``
+    (reproducible, independent across N).
 
     Returns a dict with the settings and, per N (lists aligned with ``Ns``): ``h``, ``delta`` (the per-redraw
     Delta values), ``delta_rel`` (per redraw, Delta / <rho_O, rho_O>), ``delta_mean``, ``delta_std``,
     ``delta_rel_mean``, ``delta_rel_std``, ``delta_rel_q10`` / ``_median`` / ``_q90``, ``p_positive``
     (fraction of redraws with Delta > 0) and its binomial ``p_positive_stderr``, ``E_TG_rel_mean``,
     ``E_OG_rel_mean``, and ``kl_mean`` / ``kl_std``: KL(N(mu_hat, C_hat + h^2 I) || N(m 1, s^2 I)) over redraws
-    (the fitted Gaussian generator, whichever generator Delta used).
+    (the fitted Gaussian generator, for the "gaussian" and "kde" generators) or, for "linear", the KL of the linear
+    denoiser's N(mu, C): +inf (null in JSON) when C is singular in any redraw, with ``kl_finite_fraction``,
+    ``kl_reason`` (why it is infinite, else None) and ``rank_mean`` (mean rank of C) per N.
     """
     where = "delta_sweep"
     d, Ns, redraws = _sweep_args(d, Ns, redraws, where)
@@ -564,25 +757,40 @@ def delta_sweep(
     if h_gen is not None:
         h_gen = _positive(h_gen, "h_gen", where)
     seed = _int_at_least(seed, 0, "seed", where)
+    T = _positive(T, "T", where)
+    if l is not None:
+        l = _positive(l, "l", where)  # noqa: E741
+    linear = generator == "linear"
 
     keys = (
         "h delta delta_rel delta_mean delta_std delta_rel_mean delta_rel_std delta_rel_q10 delta_rel_median "
         "delta_rel_q90 p_positive p_positive_stderr E_TG_rel_mean E_OG_rel_mean kl_mean kl_std"
     ).split()
+    if linear:
+        keys += ["kl_finite_fraction", "kl_reason", "rank_mean"]
     out: dict[str, Any] = {k: [] for k in keys}
     for N in Ns:
-        hN = h if h is not None else silverman_bandwidth(N, d, s)
+        if h is not None:
+            hN = h
+        else:
+            hN = halder_bandwidth(N, d, s) if linear else silverman_bandwidth(N, d, s)
         rng = np.random.default_rng([seed, N])
-        deltas, rels, signs, etg, eog, kls = [], [], [], [], [], []
+        deltas, rels, signs, etg, eog, kls, ranks, reasons = [], [], [], [], [], [], [], []
         for _ in range(redraws):
             y = m + s * rng.standard_normal((N, d))
-            r = relative_distance(y, m=m, s=s, generator=generator, h=hN, h_gen=h_gen)
+            fit = linear_denoiser_fit(y, T=T, l=l, noise=rng.standard_normal((N, d))) if linear else None
+            r = relative_distance(y, m=m, s=s, generator=generator, h=hN, h_gen=h_gen, _fit=fit)
             deltas.append(r["Delta"])
             rels.append(r["Delta_rel"])
             signs.append(r["sign_Delta"])
             etg.append(r["E_TG_rel"])
             eog.append(r["E_OG_rel"])
-            kls.append(_FittedGaussian(y).kl_to_truth(hN * hN, m, s))
+            if linear:
+                kls.append(r["kl"])
+                ranks.append(r["rank"])
+                reasons.append(r["kl_reason"])
+            else:
+                kls.append(_FittedGaussian(y).kl_to_truth(hN * hN, m, s))
         deltas_a, rels_a, kls_a = np.array(deltas), np.array(rels), np.array(kls)
         p = float(np.mean(np.array(signs) > 0))
         out["h"].append(float(hN))
@@ -601,7 +809,12 @@ def delta_sweep(
         out["E_TG_rel_mean"].append(float(np.mean(etg)))
         out["E_OG_rel_mean"].append(float(np.mean(eog)))
         out["kl_mean"].append(float(kls_a.mean()))
-        out["kl_std"].append(float(kls_a.std(ddof=1)) if redraws > 1 else 0.0)
+        finite_kl = bool(np.all(np.isfinite(kls_a)))
+        out["kl_std"].append((float(kls_a.std(ddof=1)) if redraws > 1 else 0.0) if finite_kl else math.nan)
+        if linear:
+            out["kl_finite_fraction"].append(float(np.mean(np.isfinite(kls_a))))
+            out["kl_reason"].append(next((x for x in reasons if x), None))
+            out["rank_mean"].append(float(np.mean(ranks)))
 
     transition = next((N for N, p in zip(Ns, out["p_positive"]) if p >= 0.5), None)
     settings = {
@@ -612,14 +825,37 @@ def delta_sweep(
         "redraws": redraws,
         "generator": generator,
         "h": h,
-        "h_rule": "given" if h is not None else "silverman: s * (4/(d+2))^(1/(d+4)) * N^(-1/(d+4))",
+        "h_rule": (
+            "given"
+            if h is not None
+            else (
+                "halder: s * N^(-1/d)" if linear else "silverman: s * (4/(d+2))^(1/(d+4)) * N^(-1/(d+4))"
+            )
+        ),
         "h_gen": h_gen if generator == "kde" else None,
         "h_gen_rule": (None if generator != "kde" else ("given" if h_gen is not None else "h_gen = h")),
         "seed": seed,
         "gaussian_generator": "N(mu_hat, C_hat + h^2 I), C_hat unbiased (ddof = 1)",
         "delta_rel": "Delta / <rho_O, rho_O> = Delta * (4 pi s^2)^(d/2)",
-        "kl": "KL(N(mu_hat, C_hat + h^2 I) || N(m 1, s^2 I)), mean over redraws",
+        "kl": (
+            "KL(N(mu, C) || N(m 1, s^2 I)) of the linear denoiser's Gaussian, mean over redraws; "
+            "+inf (JSON null) where C is singular"
+            if linear
+            else "KL(N(mu_hat, C_hat + h^2 I) || N(m 1, s^2 I)), mean over redraws"
+        ),
     }
+    if linear:
+        settings.update(
+            {
+                "T": T,
+                "l": math.exp(-2.0 * T) if l is None else l,
+                "linear_generator": (
+                    "x_T = e^{-T} y + sqrt(l (1 - e^{-2T})) z; y ~ beta0 + beta1 x_T by least squares with intercept "
+                    "(minimum norm where rank deficient); N(mu, C), mu = beta0 + beta1 e^{-T} ybar, "
+                    "C = (e^{-2T} var(y) + l (1 - e^{-2T})) beta1 beta1^T"
+                ),
+            }
+        )
     return {"settings": settings, "Ns": Ns, **out, "transition_N": transition}
 
 
@@ -658,16 +894,35 @@ def _plot(result: dict, path: PathLike) -> Path:
     ax2.set_title(f"generalization probability ({st['redraws']} redraws)")
     ax2.legend(fontsize=8)
 
-    ax3.errorbar(Ns, result["kl_mean"], yerr=result["kl_std"], fmt="o-", color="C3", ms=4, capsize=2)
+    _plot_kl(ax3, Ns, np.asarray(result["kl_mean"], dtype=np.float64), "C3", yerr=result["kl_std"])
+    ax3.axvline(st["d"], color="gray", ls=":", lw=1)
     ax3.set_xscale("log")
-    ax3.set_yscale("log")
     ax3.set_xlabel("N")
-    ax3.set_ylabel("KL(fitted Gaussian || truth)")
-    ax3.set_title("KL of N(mu_hat, C_hat + h^2 I)")
+    if st["generator"] == "linear":
+        ax3.set_ylabel("KL(N(mu, C) || truth)")
+        ax3.set_title("KL of the linear denoiser's Gaussian")
+    else:
+        ax3.set_ylabel("KL(fitted Gaussian || truth)")
+        ax3.set_title("KL of N(mu_hat, C_hat + h^2 I)")
 
     fig.suptitle(f"Halder 2024: d = {st['d']}, generator = {st['generator']}, m = {st['m']}, s = {st['s']}")
     fig.tight_layout()
     return _save_figure(fig, path)
+
+
+def _plot_kl(ax, x: np.ndarray, kl: np.ndarray, color: str, *, yerr=None, label=None) -> None:
+    """KL against x on a log y axis; +inf values (singular C) are drawn as open triangles on the top edge."""
+    fin = np.isfinite(kl)
+    if np.any(fin):
+        err = None if yerr is None else np.nan_to_num(np.asarray(yerr, dtype=np.float64)[fin])
+        ax.errorbar(x[fin], kl[fin], yerr=err, fmt="o-", color=color, ms=4, capsize=2, label=label)
+    ax.set_yscale("log")
+    if np.any(~fin):
+        top = float(np.max(kl[fin])) * 3.0 if np.any(fin) else 10.0
+        ax.plot(x[~fin], np.full(int(np.sum(~fin)), top), "^", mfc="none", color=color, ms=6,
+                label=None if label is None else f"{label}: KL = inf (C singular)")  # fmt: skip
+        if label is None:
+            ax.text(x[~fin][0], top * 1.25, "inf (C singular)", fontsize=7, va="bottom", color=color)
 
 
 def analyze_kde(
@@ -682,13 +937,17 @@ def analyze_kde(
     h: Optional[float] = None,
     h_gen: Optional[float] = None,
     seed: int = 0,
+    T: float = 2.0,
+    l: Optional[float] = None,  # noqa: E741
 ) -> dict:
     """Run :func:`delta_sweep` and, when ``out_dir`` is given, write ``kde_relative_distance.json`` (the sweep) and
     ``kde_relative_distance.png`` (mean Delta_rel with spread vs N, P(Delta > 0) vs N, KL vs N) atomically.
 
     Returns the sweep dict plus ``files`` (the paths written, empty without out_dir).
     """
-    result = delta_sweep(d, Ns, m=m, s=s, redraws=redraws, generator=generator, h=h, h_gen=h_gen, seed=seed)
+    result = delta_sweep(
+        d, Ns, m=m, s=s, redraws=redraws, generator=generator, h=h, h_gen=h_gen, seed=seed, T=T, l=l
+    )
     files: list[str] = []
     if out_dir is not None:
         from diffgen_fast.report import write_json_atomic
@@ -699,4 +958,66 @@ def analyze_kde(
         js = write_json_atomic(result, folder / "kde_relative_distance.json")
         files = [str(js), str(png)]
     result["files"] = files
+    return result
+
+
+def scales_figure(results: Sequence[dict], path: PathLike) -> Path:
+    """Halder's "alignment of scales" for several d: P(Delta > 0) and the KL to the truth against N / d (two panels).
+
+    ``results``: :func:`delta_sweep` outputs (one per d, any generator). Infinite KL (singular C) is drawn as open
+    triangles on the top edge.
+    """
+    from diffgen_fast.report import _new_figure, _save_figure
+
+    fig = _new_figure(11.0, 4.2)
+    ax1, ax2 = fig.subplots(1, 2)
+    for k, res in enumerate(results):
+        st = res["settings"]
+        x = np.asarray(res["Ns"], dtype=np.float64) / st["d"]
+        c = f"C{k}"
+        ax1.errorbar(x, res["p_positive"], yerr=res["p_positive_stderr"], fmt="o-", color=c, ms=4, capsize=2,
+                     label=f"d = {st['d']}")  # fmt: skip
+        _plot_kl(ax2, x, np.asarray(res["kl_mean"], dtype=np.float64), c, label=f"d = {st['d']}")
+    for ax in (ax1, ax2):
+        ax.axvline(1.0, color="gray", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("N / d")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylim(-0.05, 1.05)
+    ax1.set_ylabel("P(Delta > 0)")
+    ax1.set_title(f"generalization probability ({results[0]['settings']['redraws']} redraws)")
+    ax2.set_ylabel("KL(generated || truth)")
+    ax2.set_title("KL to the truth (open triangles: inf)")
+    gen = results[0]["settings"]["generator"]
+    fig.suptitle(f"Halder 2024, generator = {gen}: P(Delta > 0) and KL against N / d")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def analyze_kde_scales(
+    ds: Sequence[int],
+    Ns: Sequence[int],
+    *,
+    redraws: int = 20,
+    out_dir: Optional[PathLike] = None,
+    generator: str = "linear",
+    seed: int = 0,
+    **kw: Any,
+) -> dict:
+    """:func:`delta_sweep` for each d in ``ds`` (same Ns); with ``out_dir``, writes ``kde_scales.json``
+    ({"ds", "runs": [sweep per d], "files"}) and ``kde_scales.png`` (:func:`scales_figure`) atomically."""
+    ds = [_int_at_least(d, 1, "d", "analyze_kde_scales") for d in ds]
+    if not ds:
+        raise InputError("analyze_kde_scales: ds must name at least one dimension")
+    runs = [delta_sweep(d, Ns, redraws=redraws, generator=generator, seed=seed, **kw) for d in ds]
+    result: dict[str, Any] = {"ds": ds, "runs": runs, "files": []}
+    if out_dir is not None:
+        from diffgen_fast.report import write_json_atomic
+
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        png = scales_figure(runs, folder / "kde_scales.png")
+        js = write_json_atomic({"ds": ds, "runs": runs}, folder / "kde_scales.json")
+        result["files"] = [str(js), str(png)]
     return result
