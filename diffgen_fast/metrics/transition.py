@@ -1,4 +1,4 @@
-"""The memorization -> generalization transition of a trained denoiser as the training set grows (docs/science.md 4, 5, 7).
+"""The memorization -> generalization transition of a trained denoiser as N grows (docs/science.md 4, 5, 7).
 
 For each N in Ns (nested subsets: the first N points of one fixed random permutation of the training set) an
 EDM-preconditioned network (``arch="mlp"``: EDMPrecondMLP; ``arch="unet"``: the small convolutional EDMPrecondUNet)
@@ -10,8 +10,8 @@ measured:
 - gap to D*: E ||D_model(x) - D*(x)||^2 / d over forward samples x = y + sigma n, y uniform from the subset, D* the
   empirical optimal denoiser of the subset, per sigma (docs/science.md 7a);
 - distance to D_G: mean ||D_model(x) - D_G(x)|| / ||D_G(x)|| over the same forward samples, D_G the Gaussian
-  denoiser of the subset's mean and covariance (docs/science.md 4.3); the same distance of D* itself is reported beside it
-  as the reference a memorizing network would sit at;
+  denoiser of the subset's mean and covariance (docs/science.md 4.3); the same distance of D* itself is reported
+  beside it as the reference a memorizing network would sit at;
 - linearity score of the network per sigma (Li, Dai, Qu 2024; docs/science.md 4.2), by metrics.gaussian.linearity_score
   with explicit arguments: ``linearity`` on raw values averaged over the authors' mixing weights
   a in linspace(0.99, 0.5, 5), and ``linearity_centered`` (about the subset's mean, where an affine map scores 1),
