@@ -1123,24 +1123,36 @@ def roofline_figure(rows: list[dict], ceilings: dict, path: PathLike):
         ax.plot(grid, [bw * x for x in grid], color="gray", lw=0.8, ls=":")
     if gemm:
         ax.axhline(gemm, color="gray", lw=0.8, ls=":")
+    # One colour per implementation and one marker per op, both in the legend; only the fastest point of each op
+    # (ours or a peer) is labelled in the plot, so labels never pile up.
     markers = {"denoise": "o", "kde": "s", "knn": "^"}
-    colors = {}
+    colors: dict = {}
     cmap = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    best: dict = {}
     for r, x, y in zip(pts, xs, ys):
-        key = (r["impl"], r["backend"], r["precision"])
-        c = colors.setdefault(key, cmap[len(colors) % len(cmap)])
-        ax.scatter([x], [y], marker=markers.get(r["op"], "o"), color=c, s=30, zorder=3)
-        name = r["impl"] if r["impl"] != "ours" else f"{r['backend']} {r['precision']}"
-        ax.annotate(f"{r['op']} {name} {r['M']}x{r['N']}x{r['d']}", (x, y), fontsize=6, xytext=(3, 2),
-                    textcoords="offset points")  # fmt: skip
+        name = r["impl"] if r["impl"] != "ours" else f"ours {r['backend']} {r['precision']}"
+        c = colors.get(name)
+        if c is None:
+            c = colors[name] = cmap[len(colors) % len(cmap)]
+            ax.scatter([], [], marker="o", color=c, s=30, label=name)
+        ax.scatter([x], [y], marker=markers.get(r["op"], "o"), color=c, s=30, zorder=3, alpha=0.85)
+        if r["op"] not in best or y > best[r["op"]][1]:
+            best[r["op"]] = (x, y, name, f"{r['M']}x{r['N']}x{r['d']}")
+    for op, m in markers.items():
+        if any(r["op"] == op for r in pts):
+            ax.scatter([], [], marker=m, color="0.4", s=30, label=f"op: {op}")
+    for op, (x, y, name, shape) in best.items():
+        ax.annotate(f"fastest {op}: {name} ({shape})", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("achieved GFLOP/s")
     dev = pts[0].get("device", "") if pts else ""
-    ax.set_title(f"roofline: {dev}", fontsize=9)
+    shapes = sorted({f"{r['M']}x{r['N']}x{r['d']}" for r in pts})
+    ax.set_title(f"Roofline of every measured op on {dev} (shapes {', '.join(shapes[:4])}"
+                 f"{', ...' if len(shapes) > 4 else ''})", fontsize=9)  # fmt: skip
     ax.grid(True, which="both", alpha=0.2)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     return _save_figure(fig, path)
 
