@@ -188,6 +188,12 @@ def _plot_gap(result: dict, path: Path) -> Path:
     ax = fig.add_subplot(1, 1, 1)
     x = np.asarray(result["sigma"], dtype=np.float64)
     any_pos = False
+    # The log axis stops 8 decades below the largest gap: a KNN denoiser's gap at small sigma can be 1e-160, which
+    # would flatten every other curve; such points are drawn on the floor with a down-pointing marker.
+    peak = max((float(np.nanmax(np.asarray(r["gap_per_dim"], np.float64))) for r in result["models"].values()
+                if np.isfinite(np.asarray(r["gap_per_dim"], np.float64)).any()), default=0.0)  # fmt: skip
+    floor = peak * 1e-8 if peak > 0 else None
+    clipped_any = False
     for k, (name, r) in enumerate(result["models"].items()):
         c = _COLORS[k % len(_COLORS)]
         m = np.asarray(r["gap_per_dim"], dtype=np.float64)
@@ -195,15 +201,28 @@ def _plot_gap(result: dict, path: Path) -> Path:
         hi = np.asarray(r["ci_high_per_dim"], dtype=np.float64)
         pos = np.isfinite(m) & (m > 0)
         any_pos |= bool(pos.any())
+        clipped = pos & (m < floor) if floor else np.zeros_like(pos)
+        clipped_any |= bool(clipped.any())
         m = np.where(pos, m, np.nan)  # zeros cannot be drawn on a log axis
-        lo = np.where(pos & (lo > 0), lo, m)
-        hi = np.where(pos, hi, np.nan)
+        if floor:
+            m = np.maximum(m, floor)
+            lo = np.where(pos, np.maximum(np.where(lo > 0, lo, floor), floor), np.nan)
+            hi = np.where(pos, np.maximum(hi, floor), np.nan)
+        else:
+            lo = np.where(pos & (lo > 0), lo, m)
+            hi = np.where(pos, hi, np.nan)
         label = name if pos.any() else f"{name} (gap 0 at every sigma)"
         ax.plot(x, m, marker="o", ms=3, lw=1.4, color=c, label=label)
-        ax.fill_between(x, lo, hi, color=c, alpha=0.2, lw=0)
+        if clipped.any():
+            ax.plot(x[clipped], m[clipped], ls="none", marker="v", ms=6, color=c)
+        ax.fill_between(x, lo, hi, color=c, alpha=0.2, lw=0, label=f"{name}: 95% interval" if pos.any() else None)
+    if clipped_any:
+        ax.plot([], [], ls="none", marker="v", color="0.4", label=f"below {floor:.1e} (drawn at the floor)")
     ax.set_xscale("log")
     if any_pos:
         ax.set_yscale("log")
+        if floor:
+            ax.set_ylim(bottom=floor / 2)
     ax.set_xlabel("sigma")
     ax.set_ylabel("E ||D(x) - D*(x)||^2 / d")
     ax.set_title("Denoiser gap to the empirical optimum D* in x0 space (95% CI; eps space in gap.json)", fontsize=10)
