@@ -1265,8 +1265,9 @@ if __name__ == "__main__":  # pragma: no cover
 @click.option("--steps", metavar="INT", type=click.IntRange(min=1), default=1500, show_default=True,
               help="Training steps of the network")
 @_SEED
+@click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bars")
 @_OUT
-def analyze_jacobian_cmd(data, models, n_sigmas, k, n_points, steps, seed, out_dir) -> None:
+def analyze_jacobian_cmd(data, models, n_sigmas, k, n_points, steps, seed, no_progress, out_dir) -> None:
     """What a denoiser has learned (Kadkhodaie et al. 2023): the top-k eigenvalues of its Jacobian at noisy training
     points and its effective rank tr J / lambda_max, per sigma. D*'s Jacobian is closed form ((1 / sigma^2) times
     the covariance of the softmax weights: rank ~0 at small sigma, where it copies one point); D_G's is
@@ -1279,12 +1280,12 @@ def analyze_jacobian_cmd(data, models, n_sigmas, k, n_points, steps, seed, out_d
     dens = _named_models(",".join(i for i in items if i != "network"), train) if set(items) - {"network"} else {}
     if "network" in items:
         net = EDMPrecondMLP(train.shape, hidden=256, depth=3, seed=seed)
-        train_denoiser(net, train, steps=steps, seed=seed)
+        train_denoiser(net, train, steps=steps, seed=seed, progress=not no_progress)
         net.eval()
         dens[f"EDM MLP ({steps} steps)"] = net
     sig = _sigma_grid(n_sigmas)
     res = analyze_jacobian(dens, train, sigmas=sig, k=min(k, train.d - 1), n_points=n_points, seed=seed,
-                           out_dir=out_dir)  # fmt: skip
+                           out_dir=out_dir, progress=not no_progress)  # fmt: skip
     click.echo(f"{data}: N={len(train)}, d={train.d}; {n_sigmas} sigmas from {_num(sig[-1])} to {_num(sig[0])}")
     rows = []
     for name, r in res["denoisers"].items():

@@ -98,7 +98,7 @@ def test_analyze_jacobian_cli(tmp_path):
     from diffgen_fast.cli import main
 
     r = CliRunner().invoke(main, ["analyze", "jacobian", "--steps", "20", "--sigmas", "3", "--points", "2", "--k", "4",
-                                  "--out", str(tmp_path)])  # fmt: skip
+                                  "--no-progress", "--out", str(tmp_path)])  # fmt: skip
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "jacobian.json").read_text())
     dstar = res["denoisers"]["D* (empirical)"]

@@ -203,6 +203,7 @@ def analyze_jacobian(
     n_points: int = 4,
     seed: int = 0,
     out_dir=None,
+    progress: bool = False,
 ) -> dict:
     """Jacobian spectra against sigma: for each denoiser and sigma, the top-k eigenvalues and the effective rank
     (tr J / largest eigenvalue) at n_points probes x = y + sigma n (y drawn from the training set; the same probes
@@ -210,6 +211,7 @@ def analyze_jacobian(
 
     Returns {"metric": "jacobian", "sigma": [S], "denoisers": {name: {"effective_rank": [S], "effective_rank_stderr":
     [S], "trace": [S], "eigenvalues": [S][k] (mean over probes), "asymmetry": [S], "exact": bool}}, "settings"}.
+    progress: a tqdm bar over the (denoiser, sigma, probe) spectra.
     """
     from diffgen_fast.data import TrainingSet
 
@@ -234,6 +236,11 @@ def analyze_jacobian(
             "eigenpairs": "top k of the symmetric part (J + J^T)/2 by Lanczos (scipy eigsh)",
         },
     }  # fmt: skip
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(denoisers) * len(sig) * n_points, desc="Jacobian spectra", unit="spectrum", leave=False)
     for name, D in denoisers.items():
         er, er_se, tr, ev, asym = [], [], [], [], []
         exact = False
@@ -246,6 +253,8 @@ def analyze_jacobian(
                 else:
                     xx = x.to(next(D.parameters()).dtype)
                 per.append(jacobian_spectrum(D, xx, s, k, seed=seed + p))
+                if bar is not None:
+                    bar.update(1)
             ranks = np.array([r["effective_rank"] for r in per], dtype=np.float64)
             er.append(float(np.nanmean(ranks)))
             er_se.append(float(np.nanstd(ranks, ddof=1) / math.sqrt(len(ranks))) if len(ranks) > 1 else 0.0)
@@ -257,6 +266,8 @@ def analyze_jacobian(
             "effective_rank": er, "effective_rank_stderr": er_se, "trace": tr, "eigenvalues": ev,
             "asymmetry": asym, "exact": exact,
         }  # fmt: skip
+    if bar is not None:
+        bar.close()
     if out_dir is not None:
         from pathlib import Path
 
