@@ -101,6 +101,41 @@ def test_auto_picks_per_error_model(monkeypatch):
     assert e_out <= 1.6e-2 and e_lse <= tri.AUTO_TOL
 
 
+def _rel(out, ref):
+    return float(((out.cpu().double() - ref).norm(dim=1) / ref.norm(dim=1)).max())
+
+
+@pytest.mark.parametrize("M,N,d", [(4, 300, 64), (3, 97, 300)])
+@pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0, 80.0, 1e4])
+def test_auto_fp32_inputs_give_fp32_accurate_outputs(M, N, d, sigma):
+    """fp32 data, default precision: fp32-accurate at every sigma, including the near-uniform average at sigma = 1e4
+    (where bf16 weights gave ~7e-3 relative error: "auto" certified the logits only)."""
+    x, y = make_problem(M, N, d, seed=3, sigma=sigma, near=0.0)
+    out = softmax_denoise(x.to(DEV), y.to(DEV), sigma, backend="triton")
+    assert out.dtype == torch.float32
+    ref, _ = softmax_denoise_naive(x.double(), y.double(), sigma)
+    assert _rel(out, ref) <= 1e-4, _rel(out, ref)
+
+
+def test_auto_fp32_large_sigma_image_scale(monkeypatch):
+    """The issue's case: 500 points, d = 3072, sigma = 1e4 -> bf16-product scores, fp32 weights ("mixed")."""
+    picked = []
+    real = tri._two_pass_chunk
+
+    def spy(*args):
+        picked.append(args[12])
+        return real(*args)
+
+    monkeypatch.setattr(tri, "_two_pass_chunk", spy)
+    x, y = make_problem(2, 500, 3072, seed=5, near=0.0)
+    out = softmax_denoise(x.to(DEV), y.to(DEV), 1e4, backend="triton")
+    assert picked == ["mixed"]
+    ref, _ = softmax_denoise_naive(x.double(), y.double(), 1e4)
+    assert _rel(out, ref) <= 1e-4, _rel(out, ref)
+    fast = softmax_denoise(x.to(DEV), y.to(DEV), 1e4, backend="triton", precision="fast")
+    assert _rel(fast, ref) <= 3e-2  # "fast" stays bf16
+
+
 def test_sigma_to_zero_gives_nearest_training_point():
     x, y = make_problem(16, 200, 48, seed=2, near=0.0)
     out = softmax_denoise(x.to(DEV), y.to(DEV), 1e-6, backend="triton", precision="exact").cpu()

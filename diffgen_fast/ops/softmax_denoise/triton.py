@@ -19,8 +19,11 @@ precision:
            in float64 as differences and the scores are re-based on the exact best one, so the result is exact at
            small sigma, where the norm expansion cancels catastrophically. Every other point carries < e^-TAIL_NATS of
            the top weight: the certified tail bound of docs/science.md section 2.7.
-  "auto"   "fast" where the certified logit error of the bf16 products is below AUTO_TOL for every row of the call,
-           else "exact" (docs/precision.md).
+  "auto"   16-bit data: "fast" where the certified logit error of the bf16 products is below AUTO_TOL for every row of
+           the chunk, else "exact". fp32 data: the bf16-product scores only where their certified logit error is below
+           AUTO_TOL_F32 (the weights' relative error e^(2 err) - 1 stays at fp32 rounding level), and then the weights
+           stay in fp32 and P Y runs on the fp32 data with fp32-accurate products ("mixed"); else "exact". fp32 inputs
+           without precision="fast" thus always get fp32-accurate outputs (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ except Exception as e:  # pragma: no cover - depends on the environment
     _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
 
 AUTO_TOL = 1e-3
+AUTO_TOL_F32 = 2.0**-22  # certified logit error of bf16 scores accepted by "auto" for fp32 data (fp32-accurate weights)
 FUSED_MAX_D = 256
 _BUF_ELEMS = 1 << 26  # fp32 elements of the [M, Nc] score buffer of one chunk (256 MiB)
 _U32 = 2.0**-24
@@ -323,8 +327,7 @@ def partial_triton(
     if M == 0 or Y.shape[0] == 0:
         return empty_softmax_state(M, d if need_out else None, dtype=torch.float32, device=dev)
     if precision == "auto":
-        err = fast_logit_error(d, alpha, xnorm, float(yy64.max().sqrt()), inv2s2, kdtype)
-        precision = "fast" if bool((err <= AUTO_TOL).all()) else "exact"
+        precision = _resolve_auto(d, alpha, xnorm, float(yy64.max().sqrt()), inv2s2, kdtype)
     use_fused = fused if fused is not None else (need_out and precision == "fast" and d <= FUSED_MAX_D)
     Yk = Y.to(kdtype if Y.dtype != torch.float64 else torch.float32).contiguous()
     if use_fused and d <= FUSED_MAX_D:
@@ -359,6 +362,15 @@ def softmax_denoise_triton(
                           chunk_size=chunk_size, **options)  # fmt: skip
 
 
+def _resolve_auto(d, alpha, xnorm, ymax: float, inv2s2, kdtype) -> str:
+    """"auto" for one chunk: "fast" (16-bit data), "mixed" (fp32 data: bf16-product scores, fp32 weights and fp32-
+    accurate P Y) or "exact", from the certified logit error of the bf16 scores."""
+    err = fast_logit_error(d, alpha, xnorm, ymax, inv2s2, kdtype)
+    if kdtype == torch.float32:
+        return "mixed" if bool((err <= AUTO_TOL_F32).all()) else "exact"
+    return "fast" if bool((err <= AUTO_TOL).all()) else "exact"
+
+
 def fast_logit_error(d, alpha, xnorm, ymax: float, inv2s2, kdtype) -> torch.Tensor:
     """The verifier of "fast": certified logit error 2 a (2 u_in + d u_32) ||x|| max||y|| / (2 s^2) per row, u_in =
     bf16 rounding of fp32 data (0 for data already in bf16/fp16: their products are exact in fp32)."""
@@ -372,8 +384,10 @@ def _two_pass_chunk(
     M, d = xk.shape
     n = Yk.shape[0]
     dev = xk.device
-    to_bf16 = precision == "fast" and xk.dtype == torch.float32
+    to_bf16 = precision in ("fast", "mixed") and xk.dtype == torch.float32
     prec = _prec(precision, torch.bfloat16 if to_bf16 else xk.dtype, dev)
+    # P Y: "fast" weights in the data's 16-bit dtype; "mixed" / "exact" fp32 weights with fp32-accurate products
+    prec_out = _prec("fast" if precision == "fast" else "exact", xk.dtype, dev)
     yy = yy64.to(torch.float32)
     n_tiles = -(-n // _MIN_BN)
     T = torch.empty(M, n, dtype=torch.float32, device=dev)
@@ -410,7 +424,7 @@ def _two_pass_chunk(
         with pass_range("triton.pass2_output", dev):
             _output_kernel[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(d_out, meta["BD"]), S)](
                 T, Yo, c, tmax.contiguous(), O, L, Q, M, n, d_out, T.stride(0), Yo.stride(0), per, m_key, d_key,
-                PREC=prec, P_LOW=precision == "fast", Y_TO_BF16=Yo.dtype == torch.float32, DOT_F32=interpreting(),
+                PREC=prec_out, P_LOW=precision == "fast", Y_TO_BF16=Yo.dtype == torch.float32, DOT_F32=interpreting(),
             )  # fmt: skip
         o = O.sum(dim=0) if need_out else None
         l = L.to(torch.float64).sum(dim=0)
