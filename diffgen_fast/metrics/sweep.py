@@ -77,7 +77,8 @@ def size_sweep(
     sig = [float(s) for s in (edm_sigmas(8, append_zero=False) if sigmas is None else sigmas)]
     subsets = nested_subsets(ts, Ns, seed)
     make = make_denoiser or (lambda sub: EmpiricalDenoiser(sub))
-    out: dict = {"Ns": [len(s) for s in subsets], "sigma": sig, "metrics": {m: [] for m in metrics}, "n_train": len(ts)}
+    out: dict = {"Ns": [len(s) for s in subsets], "sigma": sig, "metrics": {m: [] for m in metrics}, "n_train": len(ts),
+                 "settings": {"data": ts.source, "seed": seed}}  # fmt: skip
     for sub in subsets:
         D = make(sub)
         if "memorization" in metrics:
@@ -108,6 +109,13 @@ def _plot(res: dict, path: Path) -> Path:
     fig = _new_figure(4.2 * len(names), 3.6)
     Ns = np.asarray(res["Ns"], dtype=float)
     sig = res["sigma"]
+    import matplotlib
+    from matplotlib.colors import LogNorm
+
+    cmap = matplotlib.colormaps["viridis"]
+    pos = [float(v) for v in sig if float(v) > 0] or [1.0]
+    norm = LogNorm(vmin=min(pos), vmax=max(pos) if max(pos) > min(pos) else min(pos) * 10)
+    colored = []
     for k, m in enumerate(names):
         ax = fig.add_subplot(1, len(names), k + 1)
         vals = res["metrics"][m]
@@ -117,20 +125,30 @@ def _plot(res: dict, path: Path) -> Path:
             ax.set_ylabel("fraction memorized (ratio < 1/3)")
         else:
             arr = np.asarray(vals, dtype=float)
-            cmap = __import__("matplotlib").colormaps["viridis"]
-            for j, s in enumerate(sig):
-                color = cmap(j / max(1, len(sig) - 1))
-                ax.plot(Ns[: len(arr)], arr[:, j], "o-", ms=3, color=color, label=f"sigma {s:.3g}")
+            # one colour per sigma on a log scale, read from one colour bar (no per-panel legend over the curves)
+            for s_val, j in zip(sig, range(len(sig))):
+                ax.plot(Ns[: len(arr)], arr[:, j], "o-", ms=3, color=cmap(norm(s_val)))
             ax.set_ylabel({"linearity": "linearity score", "gaussian_difference": "||D - D_G|| / ||D_G||",
                            "gap": "E||D - D*||^2 / d"}[m])  # fmt: skip
             if m != "linearity":
                 ax.set_yscale("symlog", linthresh=1e-6)
-            ax.legend(fontsize=6, frameon=False)
+            colored.append(ax)
         ax.set_xscale("log")
+        ax.set_xticks(Ns, [str(int(n)) for n in Ns])
+        ax.xaxis.set_minor_formatter(__import__("matplotlib").ticker.NullFormatter())
         ax.set_xlabel("training-set size N")
         ax.set_title(m.replace("_", " "), fontsize=10)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    st = res.get("settings", {})
+    data = st.get("data") or st.get("source") or "the training set"
+    fig.suptitle(f"Training-set size sweep on {data} (nested subsets, N = {', '.join(str(int(n)) for n in Ns)})",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 0.92 if colored else 1, 0.93))
+    if colored:
+        from matplotlib.cm import ScalarMappable
+
+        cax = fig.add_axes((0.93, 0.15, 0.012, 0.7))
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, label="sigma")
     return _save_figure(fig, path)
 
 
