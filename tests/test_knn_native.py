@@ -6,11 +6,8 @@ on CI). Results must equal the reference's exactly: the same indices, distances 
 
 from __future__ import annotations
 
-import csv
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -237,19 +234,6 @@ def test_raw_function_rejects_bad_arguments():
     for name, value in [("M", 4.0), ("dtype", 32), ("x", "0x10"), ("k", True)]:
         with pytest.raises(TypeError, match=name):
             C.knn_topk(**{**good, name: value})
-
-
-def test_bench_knn_cpu_tiny(tmp_path):
-    script = os.path.join(ROOT, "benchmarks", "bench_knn_cpu.py")
-    res = subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path)], capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    (path,) = list(tmp_path.glob("knn_cpu-*.csv"))
-    rows = {r["impl"]: r for r in csv.DictReader(open(path))}
-    assert {"native_cpu", "torch", "naive_torch"} <= set(rows)
-    for name in ("native_cpu", "torch"):
-        assert rows[name]["status"] == "ok" and float(rows[name]["time_s"]) > 0
-        assert rows[name]["exact"] == "True" and rows[name]["git_sha"] and rows[name]["date"]
 
 
 def test_custom_op_passes_opcheck():
