@@ -14,7 +14,8 @@ def _data(M, N, d, scale, sigma, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = (torch.rand(N, d, generator=g) * 2 - 1) * scale
     x = (torch.rand(M, d, generator=g) * 2 - 1) * scale
-    x[::2] = y[torch.randint(0, N, (M // 2 + M % 2,), generator=g)] + sigma * torch.randn(M // 2 + M % 2, d, generator=g)
+    h = M // 2 + M % 2
+    x[::2] = y[torch.randint(0, N, (h,), generator=g)] + sigma * torch.randn(h, d, generator=g)
     return x, y
 
 

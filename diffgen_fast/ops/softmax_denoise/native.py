@@ -12,7 +12,9 @@ Two paths, chosen by d:
                      and O += W Y restricted to the columns that carry weight (at small and moderate sigma a few
                      points per query do: the second GEMM mostly disappears). "exact": the candidates within the
                      certified window of every row are recomputed as float64 differences (as the Triton backend
-                     does); when too many rows have too many candidates the chunk's scores are redone in float64.
+                     does), within the narrowest certified window per row (refine.tail_nats); rows with more
+                     than N_REFINE candidates, or whose window spans every point (large sigma), get float64 GEMM
+                     scores, those rows only.
                      "auto" is "exact" (docs/precision.md). float64 data at this d runs the torch reference.
 
 Every chunk of the training set streams through the same float64 state; the result is finalized as everywhere else.
