@@ -47,11 +47,11 @@ def exact_sqdist_pairs(
     rows = max(1, _PAIR_ELEMS // max(1, c * d))
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
-        yb = y[idx[r0:r1]].to(torch.float64)  # [rb, c, d]
-        if alpha is not None:
-            yb = yb * alpha[r0:r1, None, None]
-        diff = x[r0:r1, None, :].to(torch.float64) - yb
-        out[r0:r1] = (diff * diff).sum(-1)
+        yb = y[idx[r0:r1]].to(torch.float64)  # [rb, c, d], a fresh tensor: updated in place below
+        if alpha is not None and not bool((alpha[r0:r1] == 1).all()):
+            yb.mul_(alpha[r0:r1, None, None])
+        diff = yb.neg_().add_(x[r0:r1, None, :].to(torch.float64))
+        out[r0:r1] = diff.square_().sum(-1)
     return out
 
 

@@ -135,7 +135,7 @@ def _sqnorms64(Y: torch.Tensor) -> torch.Tensor:
     """float64 ||y||^2 of the rows of Y, converted block by block (no float64 copy of Y)."""
     n, d = Y.shape
     out = torch.empty(n, dtype=torch.float64)
-    rows = max(1, (1 << 16) // max(d, 1))
+    rows = max(1, (1 << 18) // max(d, 1))
     for r0 in range(0, n, rows):
         b = Y[r0 : r0 + rows].to(torch.float64)
         out[r0 : r0 + rows] = (b * b).sum(dim=1)
