@@ -132,14 +132,9 @@ def _on_rows(state: SoftmaxState, risky: Optional[torch.Tensor], x, Y, alpha, c,
 
 
 def _sqnorms64(Y: torch.Tensor) -> torch.Tensor:
-    """float64 ||y||^2 of the rows of Y, converted block by block (no float64 copy of Y)."""
-    n, d = Y.shape
-    out = torch.empty(n, dtype=torch.float64)
-    rows = max(1, (1 << 18) // max(d, 1))
-    for r0 in range(0, n, rows):
-        b = Y[r0 : r0 + rows].to(torch.float64)
-        out[r0 : r0 + rows] = (b * b).sum(dim=1)
-    return out
+    """float64 ||y||^2 of the rows of Y in one call (a loop of small blocks is fast on an idle machine but pays an
+    OpenMP barrier per op when the cores are shared)."""
+    return torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
 
 
 def _gemm_chunk_rows(x, Y, sigma, alpha, c, exact, state: SoftmaxState) -> None:
@@ -260,11 +255,19 @@ def _gemm_chunk(Y, yy64, x64, xx, xnorm, xs, alpha, sigma, c, a2c, exact, state:
     if cols.numel() == 0:
         return
     with pass_range("cpu.pass2_output"):
+        if cols.numel() >= SPARSE_FRACTION * Y.shape[0]:
+            # weights below e^-TAIL_NATS of their row's largest leave o: together they are < n e^-TAIL_NATS of it
+            # (relative 1e-17 for n = 1e5), while the product then often runs over a few columns only
+            small = T < (T.amax(dim=1, keepdim=True) * _TAIL_W)
+            T.masked_fill_(small, 0.0)
+            cols = (T != 0).any(dim=0).nonzero().squeeze(1)
         if cols.numel() < SPARSE_FRACTION * Y.shape[0]:
             state.o.add_((T[:, cols] @ Y[cols]).to(torch.float64))
         else:
             state.o.add_((T @ Y).to(torch.float64))
 
+
+_TAIL_W = float(torch.exp(torch.tensor(-TAIL_NATS, dtype=torch.float64)))
 
 def t_error(d: int, xnorm: torch.Tensor, a: torch.Tensor, yy64: torch.Tensor) -> torch.Tensor:
     """The verifier of the GEMM path: certified |error| of the fp32 scores T = (2/a) x.y - ||y||^2 per row, the fp32
