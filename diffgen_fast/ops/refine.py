@@ -47,17 +47,28 @@ def exact_sqdist_pairs(
     rows = max(1, _PAIR_ELEMS // max(1, c * d))
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
-        yb = y[idx[r0:r1]].to(torch.float64)  # [rb, c, d]
-        if alpha is not None:
-            yb = yb * alpha[r0:r1, None, None]
-        diff = x[r0:r1, None, :].to(torch.float64) - yb
-        out[r0:r1] = (diff * diff).sum(-1)
+        yb = y[idx[r0:r1]].to(torch.float64)  # [rb, c, d], a fresh tensor: updated in place below
+        if alpha is not None and not bool((alpha[r0:r1] == 1).all()):
+            yb.mul_(alpha[r0:r1, None, None])
+        diff = yb.neg_().add_(x[r0:r1, None, :].to(torch.float64))
+        out[r0:r1] = diff.square_().sum(-1)
     return out
 
 
-def window(sigma: torch.Tensor, a: torch.Tensor, err_t: torch.Tensor) -> torch.Tensor:
-    """[m] float64: half-width in T of the certified candidate window below the row max."""
-    return 2.0 * sigma * sigma * TAIL_NATS / (a * a) + 2.0 * err_t
+def window(sigma: torch.Tensor, a: torch.Tensor, err_t: torch.Tensor, tail=TAIL_NATS) -> torch.Tensor:
+    """[m] float64: half-width in T of the certified candidate window below the row max (tail: nats, float or
+    per row, default TAIL_NATS)."""
+    return 2.0 * sigma * sigma * tail / (a * a) + 2.0 * err_t
+
+
+def tail_nats(n: int, a: torch.Tensor, sigma: torch.Tensor, err_t: torch.Tensor, tol: float = REFINE_TOL):
+    """[m] float64: the narrowest certified tail (<= TAIL_NATS) for a chunk of n points whose fast scores have
+    certified error err_t. A point outside the window weighs <= e^-tail of the row's top weight and its logit is off
+    by <= delta = a^2 err_t / (2 s^2), so the n of them together change l, q and o by <= n e^-tail (e^delta - 1)
+    of the top weight: tail = log(n (e^delta - 1) / tol) keeps that below tol (relative, as REFINE_TOL)."""
+    delta = err_t * a * a * 0.5 / (sigma * sigma)
+    t = torch.log(torch.expm1(2.0 * delta).clamp_min(1e-300) * max(n, 1) / tol)
+    return t.clamp(0.0, TAIL_NATS)
 
 
 def needs_refine(err_t: torch.Tensor, a: torch.Tensor, sigma: torch.Tensor, tol: float = REFINE_TOL) -> bool:
@@ -65,12 +76,14 @@ def needs_refine(err_t: torch.Tensor, a: torch.Tensor, sigma: torch.Tensor, tol:
     return bool((err_t * a * a * 0.5 / (sigma * sigma) > tol).any())
 
 
-def candidates(T: torch.Tensor, sigma: torch.Tensor, a: torch.Tensor, err_t: torch.Tensor, *, partial: bool = False):
+def candidates(
+    T: torch.Tensor, sigma: torch.Tensor, a: torch.Tensor, err_t: torch.Tensor, *, partial: bool = False, tail=TAIL_NATS
+):
     """(values, column index, keep mask) [m, c] of the candidates of every row (ordered by T, `keep` False for the
     padding of rows with fewer), or None when some row has more than N_REFINE and partial is False (partial: the
     N_REFINE highest are taken)."""
     tmax = T.max(dim=1).values
-    lo = (tmax - window(sigma, a, err_t).to(T.dtype))[:, None]
+    lo = (tmax - window(sigma, a, err_t, tail).to(T.dtype))[:, None]
     c = int((T >= lo).sum(dim=1).max()) if T.numel() else 0
     if c > N_REFINE:
         if not partial:
@@ -94,12 +107,13 @@ def rebase(
     err_t: torch.Tensor,
     *,
     partial: bool = False,
+    tail=TAIL_NATS,
 ) -> Optional[torch.Tensor]:
     """Write the candidates' exact scores into T (in place, any float dtype) and re-base T on the exact best one.
 
     Returns the float64 per-row shift (T now holds T - shift), or None (T untouched) when a row has more than
     N_REFINE candidates and partial is False."""
-    cand = candidates(T, sigma, a, err_t, partial=partial)
+    cand = candidates(T, sigma, a, err_t, partial=partial, tail=tail)
     if cand is None or cand[1].shape[1] == 0:
         return None
     vals, idx, keep = cand
@@ -178,6 +192,7 @@ __all__ = [
     "REFINE_TOL_F64",
     "exact_sqdist_pairs",
     "window",
+    "tail_nats",
     "needs_refine",
     "candidates",
     "rebase",

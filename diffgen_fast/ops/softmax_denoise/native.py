@@ -12,7 +12,9 @@ Two paths, chosen by d:
                      and O += W Y restricted to the columns that carry weight (at small and moderate sigma a few
                      points per query do: the second GEMM mostly disappears). "exact": the candidates within the
                      certified window of every row are recomputed as float64 differences (as the Triton backend
-                     does); when too many rows have too many candidates the chunk's scores are redone in float64.
+                     does), within the narrowest certified window per row (refine.tail_nats); rows with more
+                     than N_REFINE candidates, or whose window spans every point (large sigma), get float64 GEMM
+                     scores, those rows only.
                      "auto" is "exact" (docs/precision.md). float64 data at this d runs the torch reference.
 
 Every chunk of the training set streams through the same float64 state; the result is finalized as everywhere else.
@@ -129,6 +131,12 @@ def _on_rows(state: SoftmaxState, risky: Optional[torch.Tensor], x, Y, alpha, c,
         state.o[good] = sub.o
 
 
+def _sqnorms64(Y: torch.Tensor) -> torch.Tensor:
+    """float64 ||y||^2 of the rows of Y in one call (a loop of small blocks is fast on an idle machine but pays an
+    OpenMP barrier per op when the cores are shared)."""
+    return torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
+
+
 def _gemm_chunk_rows(x, Y, sigma, alpha, c, exact, state: SoftmaxState) -> None:
     M, d = x.shape
     x64 = x.to(torch.float64)
@@ -137,22 +145,107 @@ def _gemm_chunk_rows(x, Y, sigma, alpha, c, exact, state: SoftmaxState) -> None:
     xs = (x64 * (2.0 / alpha)[:, None]).to(torch.float32)
     a2c = alpha * alpha * c
     Y = Y.to(torch.float32)
-    yy64 = torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square()
+    yy64 = _sqnorms64(Y)
     risky = overflow_rows(xnorm, alpha, float(yy64.max().sqrt()), c, torch.float32)
     _on_rows(state, risky, x, Y, alpha, c, lambda st, r: _gemm_chunk(
         Y, yy64, x64[r], xx[r], xnorm[r], xs[r], alpha[r], sigma[r], c[r], a2c[r], exact, st, d))  # fmt: skip
 
 
-def _gemm_chunk(Y, yy64, x64, xx, xnorm, xs, alpha, sigma, c, a2c, exact, state: SoftmaxState, d) -> None:
-    M = x64.shape[0]
-    with pass_range("cpu.pass1_scores"):
-        T = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T)  # (2/a) x.y - ||y||^2
+class _Y64:
+    """The chunk in float64, converted once and only when some row needs a float64 GEMM."""
+
+    def __init__(self, Y: torch.Tensor):
+        self.Y, self._t = Y, None
+
+    def get(self) -> torch.Tensor:
+        if self._t is None:
+            self._t = self.Y.to(torch.float64)
+        return self._t
+
+
+def _scores64(x64, a, yy64, Y64: torch.Tensor):
+    """(T64 - shift, shift): float64 scores T = (2/a) x.y - ||y||^2 re-based on each row's max."""
+    T64 = torch.addmm(yy64.neg()[None, :], x64 * (2.0 / a)[:, None], Y64.T)
+    shift = T64.max(dim=1).values
+    return T64.sub_(shift[:, None]), shift
+
+
+def _exact_rows(x64, Y, yy64, xx, xnorm, xs, alpha, sigma, d):
+    """The "exact" / "auto" scores of the GEMM path: (T fp32, shift float64 [M]) with fp32-accurate weights.
+
+    Certified per row: err_t (t_error) is the fp32 score bound; where its logit error is below REFINE_TOL the fp32
+    scores are kept. Otherwise the candidates within the window of refine.tail_nats (the narrowest tail whose
+    excluded points change the row's sums by < REFINE_TOL of the top weight) are recomputed as float64 differences
+    and the row re-based on them (refine.rebase); rows with more than N_REFINE candidates, and rows whose window
+    covers every point of the chunk whatever the data (then the fp32 GEMM is skipped), get float64 GEMM scores."""
+    M, n = x64.shape[0], Y.shape[0]
+    err_t = t_error(d, xnorm, alpha, yy64)
     shift = torch.zeros(M, dtype=torch.float64)
+    delta = err_t * alpha * alpha * c_of(sigma)
+    if not bool((delta > REFINE_TOL).any()):
+        return torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T), shift
+    tail = refine.tail_nats(n, alpha, sigma, err_t)
+    ymax = float(yy64.max().sqrt())
+    # every point is a candidate when the window is wider than any row's score range |T_i - T_j|
+    wide = (refine.window(sigma, alpha, err_t, tail) >= 4.0 * xnorm * ymax / alpha + ymax * ymax) & (delta > REFINE_TOL)
+    y64 = _Y64(Y)
+    T = None if not bool(wide.any()) else torch.empty(M, n, dtype=torch.float32)
+    narrow = (~wide).nonzero().squeeze(1)
+    if narrow.numel():
+        with pass_range("cpu.pass1_scores"):
+            Tn = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs[narrow], Y.T)
+        dn, en, an, sn = delta[narrow], err_t[narrow], alpha[narrow], sigma[narrow]
+        ref = (dn > REFINE_TOL).nonzero().squeeze(1)
+        if ref.numel():
+            all_ref = ref.numel() == Tn.shape[0]
+            Tr = Tn if all_ref else Tn[ref]
+            cnt = _n_candidates(Tr, sn[ref], an[ref], en[ref], tail[narrow][ref])
+            few = (cnt <= N_REFINE).nonzero().squeeze(1)
+            many = (cnt > N_REFINE).nonzero().squeeze(1)
+            rows = narrow[ref]
+            if few.numel():
+                all_few = few.numel() == Tr.shape[0]
+                Tf = Tr if all_few else Tr[few]
+                rf = rows[few]
+                sh = refine.rebase(Tf, x64[rf], Y, alpha[rf], xx[rf], sigma[rf], err_t[rf], tail=tail[rf])
+                if sh is not None:
+                    shift[rf] = sh
+                if not all_few:
+                    Tr[few] = Tf
+            if many.numel():
+                rm = rows[many]
+                T64, sh = _scores64(x64[rm], alpha[rm], yy64, y64.get())
+                Tr[many] = T64.to(torch.float32)
+                shift[rm] = sh
+            if not all_ref:
+                Tn[ref] = Tr
+        if T is None:
+            T = Tn
+        else:
+            T[narrow] = Tn
+    rw = wide.nonzero().squeeze(1)
+    if rw.numel():
+        T64, sh = _scores64(x64[rw], alpha[rw], yy64, y64.get())
+        T[rw] = T64.to(torch.float32)
+        shift[rw] = sh
+    return T, shift
+
+
+def _n_candidates(T, sigma, a, err_t, tail) -> torch.Tensor:
+    if T.numel() == 0:
+        return torch.zeros(T.shape[0], dtype=torch.int64)
+    lo = (T.max(dim=1).values - refine.window(sigma, a, err_t, tail).to(T.dtype))[:, None]
+    return (T >= lo).sum(dim=1)
+
+
+def _gemm_chunk(Y, yy64, x64, xx, xnorm, xs, alpha, sigma, c, a2c, exact, state: SoftmaxState, d) -> None:
     if exact:
         with pass_range("cpu.exact_rerank"):
-            T, sh = refine.exact_scores(T, x64, Y, alpha, xx, sigma, t_error(d, xnorm, alpha, yy64), yy64)
-            if sh is not None:
-                shift = sh
+            T, shift = _exact_rows(x64, Y, yy64, xx, xnorm, xs, alpha, sigma, d)
+    else:
+        with pass_range("cpu.pass1_scores"):
+            T = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T)  # (2/a) x.y - ||y||^2
+        shift = torch.zeros(x64.shape[0], dtype=torch.float64)
     off = (alpha * alpha * shift - xx) * c
     with pass_range("cpu.epilogue"):
         mask = _native.denoise_epilogue(T, a2c, off, state, flags=state.o is not None)
@@ -162,11 +255,19 @@ def _gemm_chunk(Y, yy64, x64, xx, xnorm, xs, alpha, sigma, c, a2c, exact, state:
     if cols.numel() == 0:
         return
     with pass_range("cpu.pass2_output"):
+        if cols.numel() >= SPARSE_FRACTION * Y.shape[0]:
+            # weights below e^-TAIL_NATS of their row's largest leave o: together they are < n e^-TAIL_NATS of it
+            # (relative 1e-17 for n = 1e5), while the product then often runs over a few columns only
+            small = T < (T.amax(dim=1, keepdim=True) * _TAIL_W)
+            T.masked_fill_(small, 0.0)
+            cols = (T != 0).any(dim=0).nonzero().squeeze(1)
         if cols.numel() < SPARSE_FRACTION * Y.shape[0]:
             state.o.add_((T[:, cols] @ Y[cols]).to(torch.float64))
         else:
             state.o.add_((T @ Y).to(torch.float64))
 
+
+_TAIL_W = float(torch.exp(torch.tensor(-TAIL_NATS, dtype=torch.float64)))
 
 def t_error(d: int, xnorm: torch.Tensor, a: torch.Tensor, yy64: torch.Tensor) -> torch.Tensor:
     """The verifier of the GEMM path: certified |error| of the fp32 scores T = (2/a) x.y - ||y||^2 per row, the fp32
