@@ -445,6 +445,8 @@ def transition_figure(result: dict, path) -> Path:
                 ax.plot(st["Ns"], st[key_p], "o-", color="#1b4f72", label="twin networks' paired samples")
                 ax.plot(st["Ns"], st[key_n], "s--", color="#c0392b", label="sample vs nearest own training image")
                 ax.set_xscale("log")
+                ax.set_xticks(st["Ns"], [str(int(n)) for n in st["Ns"]])
+                ax.xaxis.set_minor_formatter(__import__("matplotlib").ticker.NullFormatter())
                 ax.set_xlabel("training-set size N (each network)")
                 ax.set_ylabel(label)
                 ax.set_title(f"Strong generalization: {label}", fontsize=10)
