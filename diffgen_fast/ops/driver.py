@@ -181,7 +181,9 @@ def partial(
 ) -> SoftmaxState:
     """One chunk's softmax state on backend `name`, through its custom op (options, for tests: the Python partial)."""
     be = softmax_backend(name)
-    if options:
+    if options or not torch.compiler.is_compiling():
+        # eager: the Python partial itself (the custom op's first call imports torch._dynamo, seconds of start-up
+        # for every CLI run); the custom op is what torch.compile traces
         return be.partial(x, Y, sigma, alpha, precision, need_out, **options)
     m, l, q, o = be.op(x, Y, sigma, alpha, precision, need_out)
     return SoftmaxState(m, l, q, o if need_out else None)
@@ -243,8 +245,11 @@ def denoiser(name: str) -> Callable:
 
 
 def partial_topk(name: str, x, Y, k: int, index_offset: int = 0):
-    """One chunk's top-k state on backend `name`, through its custom op."""
-    return topk_backend(name).op(x, Y, k, index_offset)
+    """One chunk's top-k state on backend `name` (through its custom op under torch.compile)."""
+    be = topk_backend(name)
+    if not torch.compiler.is_compiling():
+        return be.partial_topk(x, Y, k, index_offset)
+    return be.op(x, Y, k, index_offset)
 
 
 def topk_state(name: str, x: torch.Tensor, train, k: int, *, chunk_size: Optional[int] = None):

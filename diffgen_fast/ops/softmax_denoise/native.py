@@ -98,11 +98,13 @@ def partial_cpu(
         return state
     exact = precision != "fast"
     if d <= DIRECT_MAX_D:
-        xnorm = torch.linalg.vector_norm(xk, dim=1, dtype=torch.float64)
-        # fp32 differences ("fast") can overflow; float64 ones only where float64 does (reported by the caller)
-        ymax = float(torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).max())
-        kdt = dtype if exact else torch.float32
-        risky = overflow_rows(xnorm, alpha, ymax, c, kdt, cancel=False) if not exact else None
+        # fp32 differences ("fast") can overflow; float64 ones only where float64 does (reported by the caller), so
+        # the norms are only needed (and only computed) for "fast"
+        risky = None
+        if not exact:
+            xnorm = torch.linalg.vector_norm(xk, dim=1, dtype=torch.float64)
+            ymax = float(torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).max())
+            risky = overflow_rows(xnorm, alpha, ymax, c, torch.float32, cancel=False)
         Yt = Y.T.contiguous()
         with pass_range("cpu.direct"):
             _on_rows(state, risky, xk, Y, alpha, c, lambda st, r: _native.denoise_direct(
