@@ -1176,8 +1176,9 @@ def analyze_kde_cmd(d, ns, redraws, generator, seed, out_dir) -> None:
               help="Denoiser built for each subset")
 @click.option("--samples", "n_samples", metavar="INT", type=click.IntRange(min=2), default=64, show_default=True)
 @_SEED
+@click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bar")
 @_OUT
-def analyze_sweep_cmd(data, ns, metrics, model, n_samples, seed, out_dir) -> None:
+def analyze_sweep_cmd(data, ns, metrics, model, n_samples, seed, no_progress, out_dir) -> None:
     """Training-set-size sweep: for nested subsets of the data (first N points of one permutation), the chosen
     metrics of the subset's empirical optimum (or Gaussian denoiser). Writes sweep.json and sweep.png."""
     from diffgen_fast.denoisers import EmpiricalDenoiser, GaussianDenoiser
@@ -1187,7 +1188,8 @@ def analyze_sweep_cmd(data, ns, metrics, model, n_samples, seed, out_dir) -> Non
     Ns = [min(n, len(train)) for n in _ints(ns, "--ns")]
     make = EmpiricalDenoiser if model == "empirical" else GaussianDenoiser
     ms = [m.strip() for m in metrics.split(",") if m.strip()]
-    res = size_sweep(train, Ns, make_denoiser=make, metrics=ms, n_samples=n_samples, seed=seed, out_dir=out_dir)
+    res = size_sweep(train, Ns, make_denoiser=make, metrics=ms, n_samples=n_samples, seed=seed, out_dir=out_dir,
+                     progress=not no_progress)  # fmt: skip
     head, rows = ["N"], []
     for i, N in enumerate(res["Ns"]):
         row = [str(N)]

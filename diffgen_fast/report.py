@@ -152,8 +152,10 @@ def _provenance() -> str:
     return f"diffgen-fast {__version__}" + (f" @ {sha[:10]}" if sha else "") + f", {day}"
 
 
-def _save_figure(fig, path: PathLike) -> Path:
-    fig.text(0.995, 0.003, _provenance(), ha="right", va="bottom", fontsize=6, color="0.45")
+def _save_figure(fig, path: PathLike, *, data: str | None = None) -> Path:
+    """Write fig as PNG atomically, stamped in a corner with the data it shows (when given) and its provenance."""
+    stamp = (f"data: {data}  |  " if data else "") + _provenance()
+    fig.text(0.995, 0.003, stamp, ha="right", va="bottom", fontsize=6, color="0.45")
     with _atomic_target(path) as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor="white")
     return Path(path)
@@ -200,6 +202,7 @@ def nn_grid_figure(
     threshold: float | None = 1 / 3,
     suptitle: str | None = None,
     n_total: int | None = None,
+    data: str | None = None,
 ) -> Path:
     """Draw each sample beside its nearest training image, most memorized (smallest ratio) first, and save a PNG.
 
@@ -316,7 +319,7 @@ def nn_grid_figure(
     fig.suptitle("\n".join(lines), fontsize=9, y=1 - 0.08 / fig.get_figheight(), va="top")
     if n == 0:
         axes[0].text(0.5, 0.5, "no samples", ha="center", va="center", transform=axes[0].transAxes)
-    return _save_figure(fig, path)
+    return _save_figure(fig, path, data=data)
 
 
 def ratio_histogram(
@@ -326,6 +329,7 @@ def ratio_histogram(
     threshold: float = 1 / 3,
     bins: int = 40,
     title: str | None = None,
+    data: str | None = None,
 ) -> Path:
     """Overlaid histograms of nearest-neighbour ratios, one per name, with the memorization threshold; save a PNG.
 
@@ -363,7 +367,7 @@ def ratio_histogram(
     ax.legend(fontsize=8, loc="upper center", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return _save_figure(fig, path, data=data)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -660,8 +664,9 @@ def run_demo(
         )
         write_memorization_csv(res, out / per_denoiser[name]["files"]["csv"])
     ratio_histogram(
-        {name: res.ratio for name, (_, res) in results.items()}, out / "ratio_hist.png", threshold=threshold
-    )
+        {name: res.ratio for name, (_, res) in results.items()}, out / "ratio_hist.png", threshold=threshold,
+        data=f"samples of each denoiser vs {ts.source}",
+    )  # fmt: skip
     figures_s = time.perf_counter() - t0
 
     device = str(getattr(train_images, "device", "cpu"))
@@ -759,7 +764,9 @@ def write_npz_atomic(arrays: Mapping[str, Any], path: PathLike) -> Path:
     return Path(path)
 
 
-def distance_figure(per: Mapping[str, Any], held: Mapping[str, Any] | None, path: PathLike) -> Path:
+def distance_figure(
+    per: Mapping[str, Any], held: Mapping[str, Any] | None, path: PathLike, data: str | None = None
+) -> Path:
     """Histogram of the samples' nearest-training-point distances, and the held-out samples' for comparison."""
     fig = _new_figure(7.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
@@ -779,11 +786,15 @@ def distance_figure(per: Mapping[str, Any], held: Mapping[str, Any] | None, path
     ax.legend(fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return _save_figure(fig, path, data=data)
 
 
 def train_vs_heldout_figure(
-    per: Mapping[str, Any], held: Mapping[str, Any], ct: Mapping[str, Any] | None, path: PathLike
+    per: Mapping[str, Any],
+    held: Mapping[str, Any],
+    ct: Mapping[str, Any] | None,
+    path: PathLike,
+    data: str | None = None,
 ) -> Path:
     """Empirical CDFs of the distance to the nearest training point for generated and held-out samples (C_T's
     comparison: within each point's cell for the reference C_T), with C_T in the title."""
@@ -810,7 +821,7 @@ def train_vs_heldout_figure(
     ax.legend(fontsize=8, frameon=False, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return _save_figure(fig, path, data=data)
 
 
 def score_report_markdown(summary: Mapping[str, Any], files: Sequence[str]) -> str:
@@ -891,6 +902,7 @@ def write_score_outputs(result: Any, out_dir: PathLike, samples: Any, train: Any
     samples = aligned if aligned is not None else samples
     files = ["summary.json", "per_sample.csv", "per_sample.npz"]
     # the figure's inputs first, so that a failure leaves no per-sample files behind
+    label = f"{len(per['ratio'])} samples vs {getattr(train, 'source', 'the training set')} (N={len(train)})"
     vr = tuple(s["value_range"]) if s.get("value_range") else None
     order = np.argsort(np.asarray(per["ratio"]), kind="stable")[:64]
     xs = samples[torch.from_numpy(order)].cpu().numpy()
@@ -916,6 +928,7 @@ def write_score_outputs(result: Any, out_dir: PathLike, samples: Any, train: Any
         if titles
         else "Generated samples beside their nearest training points",
         n_total=len(per["ratio"]),
+        data=label,
     )
     write_score_csv(per, out / "per_sample.csv")
     arrays = {k: v for k, v in per.items()}
@@ -925,11 +938,11 @@ def write_score_outputs(result: Any, out_dir: PathLike, samples: Any, train: Any
     ratios = {"generated": per["ratio"]}
     if held is not None:
         ratios["held-out real"] = held["ratio"]
-    ratio_histogram(ratios, out / "ratio_hist.png", threshold=s["threshold"])
-    distance_figure(per, held, out / "nn_dist_hist.png")
+    ratio_histogram(ratios, out / "ratio_hist.png", threshold=s["threshold"], data=label)
+    distance_figure(per, held, out / "nn_dist_hist.png", data=label)
     files += ["nn_grid.png", "ratio_hist.png", "nn_dist_hist.png"]
     if held is not None:
-        train_vs_heldout_figure(per, held, result.ct, out / "train_vs_heldout.png")
+        train_vs_heldout_figure(per, held, result.ct, out / "train_vs_heldout.png", data=label)
         files.append("train_vs_heldout.png")
     write_json_atomic(s, out / "summary.json")
     write_text_atomic(score_report_markdown(s, files), out / "report.md")

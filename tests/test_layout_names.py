@@ -230,15 +230,17 @@ def test_nn_grid_title_says_how_many_are_shown(tmp_path, monkeypatch):
     seen = {}
     real = report._save_figure
 
-    def spy(fig, path):
+    def spy(fig, path, **kw):
         if str(path).endswith("nn_grid.png"):
             seen["title"] = fig._suptitle.get_text()
             seen["texts"] = [ax.get_title() for ax in fig.axes]
-        return real(fig, path)
+            seen["data"] = kw.get("data")
+        return real(fig, path, **kw)
 
     monkeypatch.setattr(report, "_save_figure", spy)
     train = _images(n=300, seed=10)
     r = score(train[:100], train, check_authenticity=False)
     report.write_score_outputs(r, tmp_path, train[:100], TrainingSet(train))
     assert "most memorized 64 of 100 shown" in seen["title"]
+    assert seen["data"].startswith("100 samples vs ") and "(N=300)" in seen["data"]  # the data, stamped on it
     assert any("samples[" in t and "~ train[" in t for t in seen["texts"])

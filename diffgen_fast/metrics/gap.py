@@ -157,6 +157,7 @@ def analyze_gap(
             "seed": seed,
             "n_train": len(ts),
             "d": ts.d,
+            "data": ts.source,
             "gap": "mean ||D_model(x) - D*(x)||^2 over x = y + sigma n; gap_per_dim = gap / d",
             "spaces": {
                 "x0": "||D_model(x) - D*(x)||^2 (the top-level keys of each model, and its 'x0' entry)",
@@ -229,4 +230,5 @@ def _plot_gap(result: dict, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    st = result.get("settings", {})
+    return _save_figure(fig, path, data=f"{st.get('data')} (N={st.get('n_train')}, d={st.get('d')})")

@@ -600,6 +600,7 @@ def analyze_gaussian(
             "center": bool(center),
             "probes": probes,
             "n_train": len(ts),
+            "data": ts.source,
             "d": ts.d,
             "linearity": linearity_definition(bool(center), probes),
             "difference": "mean ||D(x) - D_G(x)|| / ||D_G(x)||, x = y + sigma n",
@@ -670,4 +671,5 @@ def _plot_gaussian(result: dict, path: Path) -> Path:
     ax2.set_title("Normalised difference to the Gaussian denoiser", fontsize=10)
     ax1.legend(fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    st = result.get("settings", {})
+    return _save_figure(fig, path, data=f"{st.get('data')} (N={st.get('n_train')}, d={st.get('d')})")

@@ -48,8 +48,9 @@ def size_sweep(
     n_probe: int = 128,
     seed: int = 0,
     out_dir=None,
+    progress: bool = False,
 ) -> dict:
-    """Run the chosen metrics over nested subsets of `train` (sizes Ns).
+    """Run the chosen metrics over nested subsets of `train` (sizes Ns); progress: a tqdm bar over the subsets.
 
     Args:
         train: TrainingSet (or anything TrainingSet.coerce accepts).
@@ -79,7 +80,14 @@ def size_sweep(
     make = make_denoiser or (lambda sub: EmpiricalDenoiser(sub))
     out: dict = {"Ns": [len(s) for s in subsets], "sigma": sig, "metrics": {m: [] for m in metrics}, "n_train": len(ts),
                  "settings": {"data": ts.source, "seed": seed}}  # fmt: skip
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(subsets), desc="nested subsets", unit="subset", leave=False)
     for sub in subsets:
+        if bar is not None:
+            bar.set_postfix_str(f"N={len(sub)}")
         D = make(sub)
         if "memorization" in metrics:
             x = sample(D, n_samples, steps=steps, seed=seed, shape=tuple(sub.shape)) if len(sub) >= 2 else None
@@ -91,6 +99,10 @@ def size_sweep(
             out["metrics"]["gaussian_difference"].append(r["difference"])
         if "gap" in metrics:
             out["metrics"]["gap"].append(denoiser_gap(D, sub, sig, n=n_probe, seed=seed)["gap_per_dim"])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     if out_dir is not None:
         from diffgen_fast.report import write_json_atomic
 

@@ -453,4 +453,4 @@ def transition_figure(result: dict, path) -> Path:
                 ax.legend(fontsize=7, frameon=False)
                 ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return _save_figure(fig, path, data=f"{result.get('source')} (N up to {result.get('n_train_total')})")
