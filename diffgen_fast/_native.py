@@ -211,28 +211,71 @@ def _row_params(t: torch.Tensor, name: str, M: int) -> torch.Tensor:
 
 
 def denoise_direct(
-    x: torch.Tensor, yT: torch.Tensor, c: torch.Tensor, alpha: torch.Tensor, exact: bool, state: SoftmaxState
+    x: torch.Tensor,
+    yT: torch.Tensor | None,
+    c: torch.Tensor,
+    alpha: torch.Tensor,
+    exact: bool,
+    state: SoftmaxState,
+    y: torch.Tensor | None = None,
 ) -> None:
-    """Stream one training chunk (given transposed, yT [d, n]) through the state of x [M, d], in place.
+    """Stream one training chunk (given transposed, yT [d, n], and/or as rows, y [n, d]) through the state of x
+    [M, d], in place.
 
     c = 1 / (2 sigma^2) and alpha: float64 [M]. x and yT: float32 or float64 (the same); non-contiguous ones are
-    copied. exact: float64 differences for float32 data (float64 data always computes in float64).
+    copied. exact: float64 differences for float32 data (float64 data always computes in float64). y: the same
+    chunk in its row layout [n, d]: with it, float32 data runs the AVX-512 kernel where the CPU has it (then yT may be
+    None; direct_reads_rows()), else the generic kernel on yT.
     """
     module = _require()
     dts = tuple(_DENOISE_DTYPES)
     x = _readable(_check_tensor(x, "x", dts, 2))
-    yT = _readable(_check_tensor(yT, "yT", dts, 2))
-    if yT.dtype != x.dtype:
-        raise InputTypeError(f"yT has dtype {yT.dtype} but x has {x.dtype}; they must match")
     M, d = x.shape
-    if yT.shape[0] != d:
-        raise InputError(f"yT must be [d, n] with d = {d} (x's columns), got shape {tuple(yT.shape)}")
+    if yT is None and y is None:
+        raise InputError("denoise_direct needs the chunk: yT [d, n] or y [n, d]")
+    if yT is not None:
+        yT = _readable(_check_tensor(yT, "yT", dts, 2))
+        if yT.dtype != x.dtype:
+            raise InputTypeError(f"yT has dtype {yT.dtype} but x has {x.dtype}; they must match")
+        if yT.shape[0] != d:
+            raise InputError(f"yT must be [d, n] with d = {d} (x's columns), got shape {tuple(yT.shape)}")
+    n = yT.shape[1] if yT is not None else y.shape[0]
     c, alpha = _row_params(c, "c", M), _row_params(alpha, "alpha", M)
+    py_ = 0
+    if y is not None:
+        y = _readable(_check_tensor(y, "y", dts, 2))
+        if y.dtype != x.dtype or tuple(y.shape) != (n, d):
+            raise InputError(f"y must be the chunk [n, d] = [{n}, {d}] of dtype {x.dtype}, got "
+                             f"{tuple(y.shape)} {y.dtype}")  # fmt: skip
+        py_ = y.data_ptr()
+    if yT is None and not (x.dtype == torch.float32 and direct_reads_rows()):
+        raise InputError("yT is required here (float64 data, or a CPU without the AVX-512 kernel)")
     pm, pl, pq, po = _state_args(state, M, d)
     module.denoise_direct(
-        x.data_ptr(), yT.data_ptr(), M, yT.shape[1], d, c.data_ptr(), alpha.data_ptr(), bool(exact),
-        pm, pl, pq, po, _DENOISE_DTYPES[x.dtype],
+        x.data_ptr(), 0 if yT is None else yT.data_ptr(), M, n, d, c.data_ptr(), alpha.data_ptr(), bool(exact),
+        pm, pl, pq, po, _DENOISE_DTYPES[x.dtype], py_,
     )  # fmt: skip
+
+
+def direct_reads_rows() -> bool:
+    """True when the direct kernel reads float32 chunks in their row layout (the AVX-512 kernel; yT not needed)."""
+    return bool(_require().cpu_direct_reads_rows())
+
+
+def row_sqnorms(y: torch.Tensor) -> torch.Tensor:
+    """float64 [n] squared norms of the rows of y [n, d] (float32 or float64, CPU) in one native pass; NaN and Inf
+    propagate (a non-finite norm of float32 data means a non-finite value)."""
+    module = _require()
+    y = _readable(_check_tensor(y, "y", tuple(_DENOISE_DTYPES), 2))
+    out = torch.empty(y.shape[0], dtype=torch.float64)
+    if y.shape[0]:
+        module.row_sqnorms(y.data_ptr(), y.shape[0], y.shape[1], out.data_ptr(), _DENOISE_DTYPES[y.dtype])
+    return out
+
+
+def direct_kernel() -> str:
+    """The direct kernel float32 data runs with here: "avx512 intrinsics" or the multiversioned clone's ISA."""
+    return _require().cpu_direct_kernel()
 
 
 def denoise_epilogue(

@@ -1304,13 +1304,19 @@ class TrainingSet:
             InputError: ``"train: contains NaN or Inf (first at row R)"``.
         """
         if self._bad_row is _UNCHECKED:
-            bad_row = None
+            from diffgen_fast.ops._checks import first_nonfinite_row
+
+            bad_row, norms = None, []
             for start, chunk in self.iter_chunks():
-                ok = torch.isfinite(chunk).all(dim=1)
-                if not bool(ok.all()):
-                    bad_row = start + int((~ok).nonzero()[0, 0])
+                bad, nn = first_nonfinite_row(chunk)
+                if bad is not None:
+                    bad_row = start + bad
                     break
+                norms.append(nn)
             self._bad_row = bad_row
+            # the native scan's float64 squared norms are the sqnorms() cache, for free
+            if bad_row is None and self._sqnorms is None and norms and all(t is not None for t in norms):
+                self._sqnorms = torch.cat(norms).to(self._device)
         if self._bad_row is not None:
             raise InputError(f"{self._name}: contains NaN or Inf (first at row {self._bad_row})")
 

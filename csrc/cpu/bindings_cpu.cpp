@@ -32,13 +32,16 @@ std::uintptr_t ptr(const py::handle& h, const char* name, std::size_t align, con
 void denoise_direct_py(const py::object& x, const py::object& yT, const py::object& M_, const py::object& n_,
                        const py::object& d_, const py::object& c, const py::object& alpha, bool exact,
                        const py::object& m, const py::object& l, const py::object& q, const py::object& o,
-                       const std::string& dtype) {
+                       const std::string& dtype, const py::object& y) {
     const std::size_t es = dtype_size(dtype, "dtype");
     const std::int64_t M = as_size(M_, "M"), n = as_size(n_, "n"), d = as_size(d_, "d");
     if (d < 1) throw py::value_error("d must be >= 1, got 0");
     if (M == 0 || n == 0) return;
     const auto px = ptr(x, "x", es, "a contiguous [M, d] array of dtype");
-    const auto py_ = ptr(yT, "yT", es, "a contiguous [d, n] array of dtype");
+    const auto pY = ptr(y, "y", es, "a contiguous [n, d] array of dtype or 0", true);
+    const auto py_ = ptr(yT, "yT", es, "a contiguous [d, n] array of dtype (or 0 when y is given)", pY != 0);
+    if (py_ == 0 && (es != 4 || !cpu::direct_reads_rows()))
+        throw py::value_error("yT is required here (float64 data, or a CPU without the AVX-512 kernel)");
     const auto pc = ptr(c, "c", 8, "float64 [M]");
     const auto pa = ptr(alpha, "alpha", 8, "float64 [M]");
     const auto pm = ptr(m, "m", 8, "float64 [M]");
@@ -49,7 +52,7 @@ void denoise_direct_py(const py::object& x, const py::object& yT, const py::obje
     auto D = [](std::uintptr_t p) { return reinterpret_cast<double*>(p); };
     if (es == 4) {
         cpu::denoise_direct(reinterpret_cast<const float*>(px), reinterpret_cast<const float*>(py_), M, n, d, D(pc),
-                            D(pa), exact, D(pm), D(pl), D(pq), D(po));
+                            D(pa), exact, D(pm), D(pl), D(pq), D(po), reinterpret_cast<const float*>(pY));
     } else {
         cpu::denoise_direct(reinterpret_cast<const double*>(px), reinterpret_cast<const double*>(py_), M, n, d,
                             D(pc), D(pa), exact, D(pm), D(pl), D(pq), D(po));
@@ -85,16 +88,39 @@ void denoise_epilogue_py(const py::object& S, const py::object& M_, const py::ob
     }
 }
 
+void row_sqnorms_py(const py::object& y, const py::object& n_, const py::object& d_, const py::object& out,
+                    const std::string& dtype) {
+    const std::size_t es = dtype_size(dtype, "dtype");
+    const std::int64_t n = as_size(n_, "n"), d = as_size(d_, "d");
+    if (n == 0) return;
+    const auto pyy = ptr(y, "y", es, "a contiguous [n, d] array of dtype");
+    const auto po = ptr(out, "out", 8, "float64 [n]");
+    py::gil_scoped_release release;
+    if (es == 4) {
+        cpu::row_sqnorms(reinterpret_cast<const float*>(pyy), n, d, reinterpret_cast<double*>(po));
+    } else {
+        cpu::row_sqnorms(reinterpret_cast<const double*>(pyy), n, d, reinterpret_cast<double*>(po));
+    }
+}
+
 }  // namespace
 
 void register_cpu_kernels(py::module_& mod) {
     mod.def("denoise_direct", &denoise_direct_py, py::arg("x"), py::arg("yT"), py::arg("M"), py::arg("n"),
             py::arg("d"), py::arg("c"), py::arg("alpha"), py::arg("exact"), py::arg("m"), py::arg("l"), py::arg("q"),
-            py::arg("o"), py::arg("dtype"),
+            py::arg("o"), py::arg("dtype"), py::arg("y") = py::int_(0),
             "Fused direct-difference softmax denoiser over one training chunk, updating the state (m, l, q, o) in\n"
             "place. x: [M, d], yT: [d, n] (the chunk transposed), contiguous, of dtype ('float32'/'float64');\n"
             "c = 1/(2 sigma^2), alpha: float64 [M]; m, l, q: float64 [M]; o: float64 [M, d] or 0. exact: float64\n"
-            "differences for float32 data. Releases the GIL.");
+            "differences for float32 data. y: the chunk in row layout [n, d] or 0 (the AVX-512 kernel's P Y\n"
+            "for d >= 16 needs it when o is given). Releases the GIL.");
+    mod.def("row_sqnorms", &row_sqnorms_py, py::arg("y"), py::arg("n"), py::arg("d"), py::arg("out"),
+            py::arg("dtype"),
+            "out[r] = ||y_r||^2 in float64 for a contiguous [n, d] array (NaN / Inf propagate). Releases the GIL.");
+    mod.def("cpu_direct_reads_rows", &cpu::direct_reads_rows,
+            "True when denoise_direct on float32 data reads the row layout y (yT may be 0) on this CPU.");
+    mod.def("cpu_direct_kernel", &cpu::direct_kernel_name,
+            "The direct kernel fp32 data runs with: 'avx512 intrinsics' or the multiversioned clone's ISA.");
     mod.def("denoise_epilogue", &denoise_epilogue_py, py::arg("S"), py::arg("M"), py::arg("n"), py::arg("ldS"),
             py::arg("a2c"), py::arg("off"), py::arg("m"), py::arg("l"), py::arg("q"), py::arg("o"), py::arg("d"),
             py::arg("nonzero_cols"), py::arg("dtype"),

@@ -10,6 +10,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -20,6 +23,10 @@
 #include "cpu/merge.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace diffgen_fast {
 namespace cpu {
@@ -258,11 +265,431 @@ DIFFGEN_FAST_MULTIVERSION void direct_item_f64(const DirectArgs<double>& a, std:
     direct_item<double, double, double>(a, i0, nq, j0, j1, s, sc);
 }
 
-template <typename A, typename W, typename T, typename Fn>
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+// ---- The AVX-512 direct kernel (fp32 data), written with intrinsics --------------------------------------------------
+// The auto-vectorised kernel above keeps kQB x 1 vector accumulators and converts each training value per query; this
+// one keeps kQB8 queries x 2 vectors of accumulators in registers (16 zmm), loads each training vector once per
+// coordinate for the kQB8 queries, and has its own vector exp (vscalefps) and a row-layout P Y that skips the
+// training points whose weights are all zero in the block. Same arithmetic as the generic kernel: x - alpha y by one
+// fused multiply-add in the accumulation type (float64 for "exact", fp32 for "fast"), squares summed in that type,
+// fp32 weights, per-tile sums in float64. Chosen at run time when the CPU has AVX-512F and AVX-512DQ.
+// GCC 12's intrinsics headers trip -Wmaybe-uninitialized on _mm512_setzero / undefined (a known false positive)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define DIFFGEN_FAST_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+
+constexpr std::int64_t kQB8 = 8;     // queries per block of the AVX-512 kernel
+constexpr std::int64_t kG = 4;       // blocks per item (they share each tile while it is in L2)
+constexpr std::int64_t kPanel = 32;  // training points per packed panel (kTN is a multiple)
+constexpr double kExpansionTol = 2.5e-8;  // REFINE_TOL / 4 (diffgen_fast/ops/refine.py)
+
+struct Scratch8 {
+    std::vector<double> xd;   // [kG][d][kQB8] the blocks' queries (float64, exact)
+    std::vector<float> xf;    // [kG][d][kQB8] the same in fp32 (fast)
+    std::vector<double> dd;   // [kQB8][kTN + 32] distances (exact)
+    std::vector<float> df;    // [kQB8][kTN + 32] distances (fast)
+    std::vector<float> w;     // [kQB8][kTN + 32] weights, zero beyond tn
+    double xx[kG * kQB8];     // ||x||^2 of the blocks' queries (float64)
+    std::int64_t nnz[kQB8];
+    explicit Scratch8(std::int64_t d)
+        : xd(kG * kQB8 * d), xf(kG * kQB8 * d), dd(kQB8 * (kTN + 32)), df(kQB8 * (kTN + 32)), w(kQB8 * (kTN + 32)), xx{},
+          nnz{} {}
+};
+constexpr std::int64_t kLD = kTN + 32;  // row stride of the scratch tiles
+
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE __m512 exp512(__m512 v) {
+    // e^v for v <= 0 (rel. error < 2e-7 on [-87, 0]); v < -87 gives 0 (the caller's cutoff), like exp_nonpositive
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    const __mmask16 under = _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ);
+    v = _mm512_max_ps(v, lo);
+    const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693145751953125f), v);
+    r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~under), p, nf);
+}
+
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE __mmask16 tail_mask16(std::int64_t rem) {
+    return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+}
+
+// dist[q * kLD + j] = ||x_q - alpha_q y_(t0+j)||^2 in float64 for the block's kQB8 queries (padding queries are 0).
+// pk: the chunk packed in panels of kPanel points, [n / kPanel][d][kPanel] (zero-padded), so each coordinate's
+// vector is the next 64 bytes; t0 is a multiple of kPanel.
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void dist_tile_f64(const double* DIFFGEN_FAST_RESTRICT xq,
+                                                           const double* na_, const float* DIFFGEN_FAST_RESTRICT pk,
+                                                           std::int64_t d, std::int64_t t0, std::int64_t tn,
+                                                           double* DIFFGEN_FAST_RESTRICT dist) {
+    __m512d na[kQB8];
+    for (int q = 0; q < kQB8; ++q) na[q] = _mm512_set1_pd(na_[q]);
+    for (std::int64_t jb = 0; jb < tn; jb += 16) {
+        __m512d acc[kQB8][2];
+        for (int q = 0; q < kQB8; ++q) acc[q][0] = acc[q][1] = _mm512_setzero_pd();
+        const float* yp = pk + ((t0 + jb) / kPanel) * d * kPanel + (t0 + jb) % kPanel;
+        for (std::int64_t k = 0; k < d; ++k) {
+            const __m512 yv = _mm512_loadu_ps(yp + k * kPanel);
+            const __m512d y0 = _mm512_cvtps_pd(_mm512_castps512_ps256(yv));
+            const __m512d y1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(yv, 1));
+            const double* xk = xq + k * kQB8;
+            for (int q = 0; q < kQB8; ++q) {
+                const __m512d xb = _mm512_set1_pd(xk[q]);
+                const __m512d d0 = _mm512_fmadd_pd(na[q], y0, xb);
+                const __m512d d1 = _mm512_fmadd_pd(na[q], y1, xb);
+                acc[q][0] = _mm512_fmadd_pd(d0, d0, acc[q][0]);
+                acc[q][1] = _mm512_fmadd_pd(d1, d1, acc[q][1]);
+            }
+        }
+        for (int q = 0; q < kQB8; ++q) {
+            _mm512_storeu_pd(dist + q * kLD + jb, acc[q][0]);
+            _mm512_storeu_pd(dist + q * kLD + jb + 8, acc[q][1]);
+        }
+    }
+}
+
+// The float64 norm expansion ||x||^2 - 2 alpha x.y + alpha^2 ||y||^2 (fp32 products are exact in float64, so only
+// the float64 sums round): half the work of the differences, used for a block whose rows all certify it
+// (expansion_ok). yy: float64 ||y||^2 of the chunk, padded to the panels.
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void dist_tile_f64x(const double* DIFFGEN_FAST_RESTRICT xq,
+                                                            const double* xx, const double* na_,
+                                                            const float* DIFFGEN_FAST_RESTRICT pk,
+                                                            const double* DIFFGEN_FAST_RESTRICT yy, std::int64_t d,
+                                                            std::int64_t t0, std::int64_t tn,
+                                                            double* DIFFGEN_FAST_RESTRICT dist) {
+    for (std::int64_t jb = 0; jb < tn; jb += 16) {
+        __m512d acc[kQB8][2];
+        for (int q = 0; q < kQB8; ++q) acc[q][0] = acc[q][1] = _mm512_setzero_pd();
+        const float* yp = pk + ((t0 + jb) / kPanel) * d * kPanel + (t0 + jb) % kPanel;
+        for (std::int64_t k = 0; k < d; ++k) {
+            const __m512 yv = _mm512_loadu_ps(yp + k * kPanel);
+            const __m512d y0 = _mm512_cvtps_pd(_mm512_castps512_ps256(yv));
+            const __m512d y1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(yv, 1));
+            const double* xk = xq + k * kQB8;
+            for (int q = 0; q < kQB8; ++q) {
+                const __m512d xb = _mm512_set1_pd(xk[q]);
+                acc[q][0] = _mm512_fmadd_pd(xb, y0, acc[q][0]);
+                acc[q][1] = _mm512_fmadd_pd(xb, y1, acc[q][1]);
+            }
+        }
+        const __m512d yy0 = _mm512_loadu_pd(yy + t0 + jb), yy1 = _mm512_loadu_pd(yy + t0 + jb + 8);
+        const __m512d zero = _mm512_setzero_pd();
+        for (int q = 0; q < kQB8; ++q) {
+            const double al = -na_[q];
+            const __m512d x2 = _mm512_set1_pd(xx[q]), m2a = _mm512_set1_pd(-2.0 * al), a2 = _mm512_set1_pd(al * al);
+            _mm512_storeu_pd(dist + q * kLD + jb,
+                             _mm512_max_pd(_mm512_fmadd_pd(a2, yy0, _mm512_fmadd_pd(m2a, acc[q][0], x2)), zero));
+            _mm512_storeu_pd(dist + q * kLD + jb + 8,
+                             _mm512_max_pd(_mm512_fmadd_pd(a2, yy1, _mm512_fmadd_pd(m2a, acc[q][1], x2)), zero));
+        }
+    }
+}
+
+// The same in fp32 (precision "fast"), one panel of 32 training points per register block.
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void dist_tile_f32(const float* DIFFGEN_FAST_RESTRICT xq, const double* na_,
+                                                           const float* DIFFGEN_FAST_RESTRICT pk, std::int64_t d,
+                                                           std::int64_t t0, std::int64_t tn,
+                                                           float* DIFFGEN_FAST_RESTRICT dist) {
+    __m512 na[kQB8];
+    for (int q = 0; q < kQB8; ++q) na[q] = _mm512_set1_ps(static_cast<float>(na_[q]));
+    for (std::int64_t jb = 0; jb < tn; jb += kPanel) {
+        __m512 acc[kQB8][2];
+        for (int q = 0; q < kQB8; ++q) acc[q][0] = acc[q][1] = _mm512_setzero_ps();
+        const float* yp = pk + ((t0 + jb) / kPanel) * d * kPanel;
+        for (std::int64_t k = 0; k < d; ++k) {
+            const __m512 y0 = _mm512_loadu_ps(yp + k * kPanel);
+            const __m512 y1 = _mm512_loadu_ps(yp + k * kPanel + 16);
+            const float* xk = xq + k * kQB8;
+            for (int q = 0; q < kQB8; ++q) {
+                const __m512 xb = _mm512_set1_ps(xk[q]);
+                const __m512 d0 = _mm512_fmadd_ps(na[q], y0, xb);
+                const __m512 d1 = _mm512_fmadd_ps(na[q], y1, xb);
+                acc[q][0] = _mm512_fmadd_ps(d0, d0, acc[q][0]);
+                acc[q][1] = _mm512_fmadd_ps(d1, d1, acc[q][1]);
+            }
+        }
+        for (int q = 0; q < kQB8; ++q) {
+            _mm512_storeu_ps(dist + q * kLD + jb, acc[q][0]);
+            _mm512_storeu_ps(dist + q * kLD + jb + 16, acc[q][1]);
+        }
+    }
+}
+
+// Pack the chunk Y [n, d] (row layout) into panels [ceil(n / kPanel)][d][kPanel], zero-padded.
+void pack_panels(const float* Y, std::int64_t n, std::int64_t d, float* pk) {
+    const std::int64_t panels = (n + kPanel - 1) / kPanel;
+    const int threads = get_num_threads();
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n * d >= (1 << 20))
+    for (std::int64_t p = 0; p < panels; ++p) {
+        const std::int64_t j0 = p * kPanel, jn = std::min(kPanel, n - j0);
+        float* out = pk + p * d * kPanel;
+        for (std::int64_t j = 0; j < kPanel; ++j) {
+            const float* src = Y + (j0 + j) * d;
+            for (std::int64_t k = 0; k < d; ++k) out[k * kPanel + j] = j < jn ? src[k] : 0.0f;
+        }
+    }
+}
+
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE double row_min(const double* dq, std::int64_t tn) {
+    __m512d mn = _mm512_set1_pd(std::numeric_limits<double>::infinity());
+    for (std::int64_t j = 0; j < tn; j += 8) {
+        const __mmask8 m = static_cast<__mmask8>(tn - j >= 8 ? 0xFF : (1u << (tn - j)) - 1u);
+        mn = _mm512_mask_min_pd(mn, m, mn, _mm512_maskz_loadu_pd(m, dq + j));
+    }
+    return _mm512_reduce_min_pd(mn);
+}
+
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE float row_min(const float* dq, std::int64_t tn) {
+    __m512 mn = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    for (std::int64_t j = 0; j < tn; j += 16) {
+        const __mmask16 m = tail_mask16(tn - j);
+        mn = _mm512_mask_min_ps(mn, m, mn, _mm512_maskz_loadu_ps(m, dq + j));
+    }
+    return _mm512_reduce_min_ps(mn);
+}
+
+// Weights of one query row of the tile: w = e^(base - (dist - dmin) c) (0 beyond tn), returns (sum w, sum w^2, nnz)
+template <typename A>
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void weights_row(const A* DIFFGEN_FAST_RESTRICT dq, std::int64_t tn, A dmin,
+                                                         A cc, A base, float* DIFFGEN_FAST_RESTRICT wq, double* lsum,
+                                                         double* qsum, std::int64_t* nnz) {
+    __m512 ls = _mm512_setzero_ps(), qs = _mm512_setzero_ps();
+    std::int64_t nz = 0;
+    for (std::int64_t j = 0; j < tn; j += 16) {
+        const __mmask16 m = tail_mask16(tn - j);
+        __m512 z;
+        if constexpr (sizeof(A) == 8) {
+            const __m512d b = _mm512_set1_pd(base), dm = _mm512_set1_pd(dmin), c = _mm512_set1_pd(cc);
+            const __m512d z0 = _mm512_fnmadd_pd(_mm512_sub_pd(_mm512_loadu_pd(dq + j), dm), c, b);
+            const __m512d z1 = _mm512_fnmadd_pd(_mm512_sub_pd(_mm512_loadu_pd(dq + j + 8), dm), c, b);
+            z = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(z0)), _mm512_cvtpd_ps(z1), 1);
+        } else {
+            z = _mm512_fnmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(dq + j), _mm512_set1_ps(dmin)), _mm512_set1_ps(cc),
+                                 _mm512_set1_ps(base));
+        }
+        const __m512 e = _mm512_maskz_mov_ps(m, exp512(z));
+        _mm512_storeu_ps(wq + j, e);
+        ls = _mm512_add_ps(ls, e);
+        qs = _mm512_fmadd_ps(e, e, qs);
+        nz += __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_OQ)));
+    }
+    *lsum = static_cast<double>(_mm512_reduce_add_ps(ls));
+    *qsum = static_cast<double>(_mm512_reduce_add_ps(qs));
+    *nnz = nz;
+}
+
+// o[q, :] += sum_j w[q, j] Y[t0 + j, :] for 4 queries at a time, Y in its row layout [n, d] (NV vectors of 16 per
+// row, the last masked); points whose 4 weights are all zero are skipped.
+template <int NV, bool Sparse>
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void accumulate_rows(const float* DIFFGEN_FAST_RESTRICT Y, std::int64_t d,
+                                                             std::int64_t t0, std::int64_t tn,
+                                                             const float* DIFFGEN_FAST_RESTRICT w, double* o,
+                                                             std::int64_t nq) {
+    const __mmask16 last = tail_mask16(d - 16 * (NV - 1));
+    for (std::int64_t q0 = 0; q0 < nq; q0 += 4) {
+        __m512 acc[4][NV];
+        for (int q = 0; q < 4; ++q)
+            for (int v = 0; v < NV; ++v) acc[q][v] = _mm512_setzero_ps();
+        const float* w0 = w + q0 * kLD;
+        for (std::int64_t j = 0; j < tn; ++j) {
+            if constexpr (Sparse) {  // skip the points whose 4 weights are all zero
+                if (w0[j] == 0.0f && w0[kLD + j] == 0.0f && w0[2 * kLD + j] == 0.0f && w0[3 * kLD + j] == 0.0f)
+                    continue;
+            }
+            const float* yr = Y + (t0 + j) * d;
+            __m512 yv[NV];
+            for (int v = 0; v < NV; ++v)
+                yv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, yr + 16 * v) : _mm512_loadu_ps(yr + 16 * v);
+            const __m512 b0 = _mm512_set1_ps(w0[j]), b1 = _mm512_set1_ps(w0[kLD + j]),
+                         b2 = _mm512_set1_ps(w0[2 * kLD + j]), b3 = _mm512_set1_ps(w0[3 * kLD + j]);
+            for (int v = 0; v < NV; ++v) {
+                acc[0][v] = _mm512_fmadd_ps(b0, yv[v], acc[0][v]);
+                acc[1][v] = _mm512_fmadd_ps(b1, yv[v], acc[1][v]);
+                acc[2][v] = _mm512_fmadd_ps(b2, yv[v], acc[2][v]);
+                acc[3][v] = _mm512_fmadd_ps(b3, yv[v], acc[3][v]);
+            }
+        }
+        alignas(64) float tmp[4][16 * NV];  // constant indices only, so acc stays in registers
+        for (int q = 0; q < 4; ++q)
+            for (int v = 0; v < NV; ++v) _mm512_store_ps(&tmp[q][16 * v], acc[q][v]);
+        for (std::int64_t q = 0; q < 4 && q0 + q < nq; ++q) {
+            double* oq = o + (q0 + q) * d;
+            for (std::int64_t k = 0; k < d; ++k) oq[k] += static_cast<double>(tmp[q][k]);
+        }
+    }
+}
+
+// The softmax part of one block and tile: per query the tile's min distance, the state re-based, the weights (into
+// w, rows of kLD) and their sums; then O += W Y for the block.
+template <typename A>
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void tile_softmax(const DirectArgs<float>& a, const float* Y, const float* pk,
+                                                          const StateRef& s, std::int64_t i0, std::int64_t nq,
+                                                          std::int64_t t0, std::int64_t tn, const A* dist, float* w,
+                                                          Scratch8& sc) {
+    const std::int64_t d = a.d;
+    std::int64_t nnz_total = 0;
+    for (std::int64_t q = 0; q < kQB8; ++q) {
+        float* wq = w + q * kLD;
+        sc.nnz[q] = 0;
+        if (q >= nq) {
+            std::fill(wq, wq + kTN, 0.0f);
+            continue;
+        }
+        const std::int64_t i = i0 + q;
+        const A* dq = dist + q * kLD;
+        const A dmin = row_min(dq, tn);
+        const double c = a.c[i];
+        const double zmax = -static_cast<double>(dmin) * c;
+        const double m_new = std::max(s.m[i], zmax);
+        if (zmax - m_new < static_cast<double>(exp_cutoff<float>())) {
+            std::fill(wq, wq + kTN, 0.0f);
+            continue;
+        }
+        rebase(s, i, d, m_new);
+        double lsum, qsum;
+        weights_row<A>(dq, tn, dmin, static_cast<A>(c), static_cast<A>(zmax - m_new), wq, &lsum, &qsum,
+                       &sc.nnz[q]);
+        std::fill(wq + tn, wq + kTN, 0.0f);
+        s.l[i] += lsum;
+        s.q[i] += qsum;
+        nnz_total += sc.nnz[q];
+    }
+    if (s.o == nullptr || nnz_total == 0) return;
+    double* o = s.o + i0 * d;
+    if (d >= 16) {
+        const bool sparse = nnz_total * 4 < tn * nq;
+        switch ((d + 15) / 16 + (sparse ? 4 : 0)) {
+            case 1: accumulate_rows<1, false>(Y, d, t0, tn, w, o, nq); break;
+            case 2: accumulate_rows<2, false>(Y, d, t0, tn, w, o, nq); break;
+            case 3: accumulate_rows<3, false>(Y, d, t0, tn, w, o, nq); break;
+            case 4: accumulate_rows<4, false>(Y, d, t0, tn, w, o, nq); break;
+            case 5: accumulate_rows<1, true>(Y, d, t0, tn, w, o, nq); break;
+            case 6: accumulate_rows<2, true>(Y, d, t0, tn, w, o, nq); break;
+            case 7: accumulate_rows<3, true>(Y, d, t0, tn, w, o, nq); break;
+            default: accumulate_rows<4, true>(Y, d, t0, tn, w, o, nq); break;
+        }
+    } else if (nnz_total * 8 < tn) {  // small sigma: a few weights carry the tile
+        for (std::int64_t q = 0; q < nq; ++q) {
+            if (sc.nnz[q] == 0) continue;
+            const float* wq = w + q * kLD;
+            double* oq = o + q * d;
+            for (std::int64_t j = 0; j < tn; ++j) {
+                if (wq[j] == 0.0f) continue;
+                for (std::int64_t k = 0; k < d; ++k) oq[k] += static_cast<double>(wq[j] * Y[(t0 + j) * d + k]);
+            }
+        }
+    } else {
+        // small d: dots over the tile per coordinate, from the panels (the weights are 0 beyond tn)
+        for (std::int64_t k = 0; k < d; ++k) {
+            for (std::int64_t q = 0; q < nq; ++q) {
+                const float* wq = w + q * kLD;
+                __m512 acc = _mm512_setzero_ps();
+                for (std::int64_t j = 0; j < tn; j += kPanel) {
+                    const float* yp = pk + ((t0 + j) / kPanel) * d * kPanel + k * kPanel;
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(wq + j), _mm512_loadu_ps(yp), acc);
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(wq + j + 16), _mm512_loadu_ps(yp + 16), acc);
+                }
+                o[q * d + k] += static_cast<double>(_mm512_reduce_add_ps(acc));
+            }
+        }
+    }
+}
+
+// One item of the AVX-512 kernel: queries [i0, i0 + nq) (nq <= kG * kQB8) against training points [j0, j1), in
+// blocks of kQB8 queries; every block runs over one tile of kTN points before the next tile, so the tile's panels
+// and rows are read from L2 by the kG blocks. Y: the chunk in row layout [n, d] (for P Y at d >= 16), pk: panels.
+template <bool Exact>
+DIFFGEN_FAST_AVX512 void direct_item_avx512(const DirectArgs<float>& a, const float* Y, const float* pk,
+                                            const double* yy, double ymax, std::int64_t i0, std::int64_t nq,
+                                            std::int64_t j0, std::int64_t j1, const StateRef& s, Scratch8& sc) {
+    using A = typename std::conditional<Exact, double, float>::type;
+    const std::int64_t d = a.d;
+    const std::int64_t nb = (nq + kQB8 - 1) / kQB8;
+    double na[kG][kQB8];
+    bool expand[kG];
+    // the expansion is certified for a block when every row's float64 rounding error, at most
+    // (d + 4) 2^-53 (|x| + alpha max|y|)^2, costs at most REFINE_TOL / 4 nats: c times that <= kExpansionTol
+    for (std::int64_t b = 0; b < nb; ++b) {
+        const std::int64_t ib = i0 + b * kQB8, nqb = std::min(kQB8, nq - b * kQB8);
+        double* xd = sc.xd.data() + b * kQB8 * d;
+        float* xf = sc.xf.data() + b * kQB8 * d;
+        expand[b] = Exact;
+        for (std::int64_t q = 0; q < kQB8; ++q) {
+            na[b][q] = q < nqb ? -a.alpha[ib + q] : 0.0;
+            double xx = 0.0;
+            for (std::int64_t k = 0; k < d; ++k) {
+                const float v = q < nqb ? a.x[(ib + q) * d + k] : 0.0f;
+                xd[k * kQB8 + q] = v;
+                xf[k * kQB8 + q] = v;
+                xx += static_cast<double>(v) * static_cast<double>(v);
+            }
+            sc.xx[b * kQB8 + q] = xx;
+            if (q < nqb) {
+                const double r = std::sqrt(xx) + a.alpha[ib + q] * ymax;
+                expand[b] = expand[b] && static_cast<double>(d + 4) * 0x1p-53 * r * r * a.c[ib + q] <= kExpansionTol;
+            }
+        }
+    }
+    A* dist = Exact ? reinterpret_cast<A*>(sc.dd.data()) : reinterpret_cast<A*>(sc.df.data());
+    float* w = sc.w.data();
+    for (std::int64_t t0 = j0; t0 < j1; t0 += kTN) {
+        const std::int64_t tn = std::min(kTN, j1 - t0);
+        for (std::int64_t b = 0; b < nb; ++b) {
+            const std::int64_t ib = i0 + b * kQB8, nqb = std::min(kQB8, nq - b * kQB8);
+            if constexpr (Exact) {
+                if (expand[b]) {
+                    dist_tile_f64x(sc.xd.data() + b * kQB8 * d, sc.xx + b * kQB8, na[b], pk, yy, d, t0, tn,
+                                   sc.dd.data());
+                } else {
+                    dist_tile_f64(sc.xd.data() + b * kQB8 * d, na[b], pk, d, t0, tn, sc.dd.data());
+                }
+            } else {
+                dist_tile_f32(sc.xf.data() + b * kQB8 * d, na[b], pk, d, t0, tn, sc.df.data());
+            }
+            tile_softmax<A>(a, Y, pk, s, ib, nqb, t0, tn, dist, w, sc);
+        }
+    }
+}
+
+DIFFGEN_FAST_AVX512 void direct_item_avx512_exact(const DirectArgs<float>& a, const float* Y, const float* pk,
+                                                  const double* yy, double ymax, std::int64_t i0,
+                                                  std::int64_t nq, std::int64_t j0, std::int64_t j1,
+                                                  const StateRef& s, Scratch8& sc) {
+    direct_item_avx512<true>(a, Y, pk, yy, ymax, i0, nq, j0, j1, s, sc);
+}
+
+DIFFGEN_FAST_AVX512 void direct_item_avx512_fast(const DirectArgs<float>& a, const float* Y, const float* pk,
+                                                  const double* yy, double ymax, std::int64_t i0,
+                                                 std::int64_t nq, std::int64_t j0, std::int64_t j1,
+                                                 const StateRef& s, Scratch8& sc) {
+    direct_item_avx512<false>(a, Y, pk, yy, ymax, i0, nq, j0, j1, s, sc);
+}
+
+bool use_avx512_direct() {
+    static const bool ok = [] {
+        if (const char* e = std::getenv("DIFFGEN_FAST_CPU_KERNEL")) {
+            if (std::string(e) == "generic") return false;
+        }
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+    }();
+    return ok;
+}
+#pragma GCC diagnostic pop
+#endif  // DIFFGEN_FAST_HAS_MULTIVERSION
+
+// Sc: the per-thread scratch type (constructed from d), QB: queries per item.
+template <typename Sc, std::int64_t QB, typename T, typename Fn>
 void run_direct(const DirectArgs<T>& a, std::int64_t M, StateRef s, Fn item) {
     const std::int64_t d = a.d, n = a.n;
     const int threads = get_num_threads();
-    const std::int64_t qblocks = (M + kQB - 1) / kQB;
+    const std::int64_t qblocks = (M + QB - 1) / QB;
     const std::int64_t tiles = (n + kTN - 1) / kTN;
     // parts over the training points so that every thread gets work when there are few query blocks
     // (a function of the shapes only, never of the thread count, so every thread count gives identical results)
@@ -288,11 +715,11 @@ void run_direct(const DirectArgs<T>& a, std::int64_t M, StateRef s, Fn item) {
     const long long work = static_cast<long long>(M) * n * std::max<std::int64_t>(d, 1);
 #pragma omp parallel num_threads(threads) if (threads > 1 && work >= kParallelMinWork)
     {
-        Scratch<A, W> sc(d);
+        Sc sc(d);
 #pragma omp for schedule(dynamic, 1)
         for (std::int64_t it = 0; it < items; ++it) {
             const std::int64_t p = it % parts, b = it / parts;
-            const std::int64_t i0 = b * kQB, nq = std::min(kQB, M - i0);
+            const std::int64_t i0 = b * QB, nq = std::min(QB, M - i0);
             const std::int64_t j0 = p * tiles_per_part * kTN, j1 = std::min(n, (p + 1) * tiles_per_part * kTN);
             item(a, i0, nq, j0, j1, state_of(p), sc);
         }
@@ -361,22 +788,106 @@ inline void epilogue_row_any(double* row, std::int64_t n, double a2c, double off
 }  // namespace
 
 void denoise_direct(const float* x, const float* yT, std::int64_t M, std::int64_t n, std::int64_t d,
-                           const double* c, const double* alpha, bool exact, double* m, double* l, double* q,
-                           double* o) {
+                    const double* c, const double* alpha, bool exact, double* m, double* l, double* q, double* o,
+                    const float* Y) {
     const DirectArgs<float> a{x, yT, n, d, c, alpha};
-    if (exact) {
-        run_direct<double, float>(a, M, StateRef{m, l, q, o}, direct_item_f32_exact);
-    } else {
-        run_direct<float, float>(a, M, StateRef{m, l, q, o}, direct_item_f32_fast);
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+    if (use_avx512_direct() && Y != nullptr) {
+        std::vector<float> panels(static_cast<std::size_t>((n + kPanel - 1) / kPanel * kPanel * d));
+        pack_panels(Y, n, d, panels.data());
+        const float* pk = panels.data();
+        std::vector<double> yyv;
+        double ymax = 0.0;
+        if (exact) {  // float64 ||y||^2 for the norm expansion, padded to the panels
+            yyv.assign(static_cast<std::size_t>((n + kPanel - 1) / kPanel * kPanel), 0.0);
+            row_sqnorms(Y, n, d, yyv.data());
+            for (std::int64_t j = 0; j < n; ++j) ymax = std::max(ymax, yyv[j]);
+            ymax = std::sqrt(ymax);
+        }
+        const double* yy = yyv.data();
+        auto item = [Y, pk, yy, ymax, exact](const DirectArgs<float>& a_, std::int64_t i0, std::int64_t nq,
+                                             std::int64_t j0, std::int64_t j1, const StateRef& s_, Scratch8& sc) {
+            if (exact) {
+                direct_item_avx512_exact(a_, Y, pk, yy, ymax, i0, nq, j0, j1, s_, sc);
+            } else {
+                direct_item_avx512_fast(a_, Y, pk, yy, ymax, i0, nq, j0, j1, s_, sc);
+            }
+        };
+        run_direct<Scratch8, kG * kQB8>(a, M, StateRef{m, l, q, o}, item);
+        return;
     }
+#endif
+    if (exact) {
+        run_direct<Scratch<double, float>, kQB>(a, M, StateRef{m, l, q, o}, direct_item_f32_exact);
+    } else {
+        run_direct<Scratch<float, float>, kQB>(a, M, StateRef{m, l, q, o}, direct_item_f32_fast);
+    }
+}
+
+bool direct_reads_rows() {
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+    return use_avx512_direct();
+#else
+    return false;
+#endif
+}
+
+const char* direct_kernel_name() {
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+    if (use_avx512_direct()) return "avx512 intrinsics";
+#endif
+    return simd_level();
 }
 
 void denoise_direct(const double* x, const double* yT, std::int64_t M, std::int64_t n, std::int64_t d,
                             const double* c, const double* alpha, bool /*exact*/, double* m, double* l, double* q,
                             double* o) {
     const DirectArgs<double> a{x, yT, n, d, c, alpha};
-    run_direct<double, double>(a, M, StateRef{m, l, q, o}, direct_item_f64);
+    run_direct<Scratch<double, double>, kQB>(a, M, StateRef{m, l, q, o}, direct_item_f64);
 }
+
+namespace {
+template <typename T>
+DIFFGEN_FAST_INLINE void sqnorms_rows(const T* DIFFGEN_FAST_RESTRICT Y, std::int64_t r0, std::int64_t r1,
+                                      std::int64_t d, double* DIFFGEN_FAST_RESTRICT out) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+        const T* y = Y + r * d;
+        double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+        for (std::int64_t k = 0; k < d; ++k) acc += static_cast<double>(y[k]) * static_cast<double>(y[k]);
+        out[r] = acc;
+    }
+}
+DIFFGEN_FAST_MULTIVERSION void sqnorms_rows_f32(const float* Y, std::int64_t r0, std::int64_t r1, std::int64_t d,
+                                                double* out) {
+    sqnorms_rows<float>(Y, r0, r1, d, out);
+}
+DIFFGEN_FAST_MULTIVERSION void sqnorms_rows_f64(const double* Y, std::int64_t r0, std::int64_t r1, std::int64_t d,
+                                                double* out) {
+    sqnorms_rows<double>(Y, r0, r1, d, out);
+}
+inline void sqnorms_rows_any(const float* Y, std::int64_t r0, std::int64_t r1, std::int64_t d, double* out) {
+    sqnorms_rows_f32(Y, r0, r1, d, out);
+}
+inline void sqnorms_rows_any(const double* Y, std::int64_t r0, std::int64_t r1, std::int64_t d, double* out) {
+    sqnorms_rows_f64(Y, r0, r1, d, out);
+}
+}  // namespace
+
+template <typename T>
+void row_sqnorms(const T* Y, std::int64_t n, std::int64_t d, double* out) {
+    const int threads = get_num_threads();
+    const long long work = static_cast<long long>(n) * std::max<std::int64_t>(d, 1);
+    constexpr std::int64_t kRows = 256;
+    const std::int64_t blocks = (n + kRows - 1) / kRows;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && work >= (1 << 20))
+    for (std::int64_t b = 0; b < blocks; ++b) {
+        sqnorms_rows_any(Y, b * kRows, std::min(n, (b + 1) * kRows), d, out);
+    }
+}
+
+template void row_sqnorms<float>(const float*, std::int64_t, std::int64_t, double*);
+template void row_sqnorms<double>(const double*, std::int64_t, std::int64_t, double*);
 
 template <typename T>
 void denoise_epilogue(T* S, std::int64_t M, std::int64_t n, std::int64_t ldS, const double* a2c, const double* off,

@@ -16,10 +16,25 @@ namespace cpu {
 // transposed, [d, n] row-major (so loops over training points are contiguous), float32 or float64.
 // exact = false: fp32 differences and sums (T = float); exact = true: differences and sums in float64. Weights are
 // float (fp32 data) or double (fp64 data). o may be null (need_out false). c, alpha: float64 [M].
+// Y (may be null): the chunk in its row layout [n, d]. With it, on a CPU with AVX-512, the AVX-512 kernel runs and
+// yT is not read (it may be null); without it the generic kernel reads yT.
 void denoise_direct(const float* x, const float* yT, std::int64_t M, std::int64_t n, std::int64_t d, const double* c,
-                    const double* alpha, bool exact, double* m, double* l, double* q, double* o);
+                    const double* alpha, bool exact, double* m, double* l, double* q, double* o,
+                    const float* Y = nullptr);
 void denoise_direct(const double* x, const double* yT, std::int64_t M, std::int64_t n, std::int64_t d,
                     const double* c, const double* alpha, bool exact, double* m, double* l, double* q, double* o);
+
+// out[r] = sum_k Y[r, k]^2 in float64 (float32 data: exact products, float64 sums); NaN / Inf propagate, so the
+// result is also the finiteness check of the rows. Y: contiguous [n, d].
+template <typename T>
+void row_sqnorms(const T* Y, std::int64_t n, std::int64_t d, double* out);
+
+// Which direct kernel runs for fp32 data on this CPU: "avx512 intrinsics" or the multiversioned clone's ISA
+// (DIFFGEN_FAST_CPU_KERNEL=generic forces the latter).
+const char* direct_kernel_name();
+
+// True when denoise_direct on float32 data reads the row layout Y (and not yT) on this CPU.
+bool direct_reads_rows();
 
 // Epilogue of the GEMM path (large d): S [M, n] holds T_ij = (2 / alpha_i) x_i.y_j - ||y_j||^2 (computed by the
 // caller's GEMM, in T = float or double). Logit z_ij = a2c_i T_ij + off_i (a2c = alpha^2 c, off = -||x||^2 c plus any

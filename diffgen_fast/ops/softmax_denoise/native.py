@@ -105,10 +105,13 @@ def partial_cpu(
             xnorm = torch.linalg.vector_norm(xk, dim=1, dtype=torch.float64)
             ymax = float(torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).max())
             risky = overflow_rows(xnorm, alpha, ymax, c, torch.float32, cancel=False)
-        Yt = Y.T.contiguous()
+        # the AVX-512 kernel reads the chunk's rows (and packs them itself); the generic kernel its transpose
+        rows = dtype == torch.float32 and _native.direct_reads_rows()
+        Yt = None if rows else Y.T.contiguous()
+        Yr = Y if rows else None
         with pass_range("cpu.direct"):
             _on_rows(state, risky, xk, Y, alpha, c, lambda st, r: _native.denoise_direct(
-                xk[r].contiguous(), Yt, c[r].contiguous(), alpha[r].contiguous(), exact, st))  # fmt: skip
+                xk[r].contiguous(), Yt, c[r].contiguous(), alpha[r].contiguous(), exact, st, Yr))  # fmt: skip
     else:
         _gemm_chunk_rows(xk, Y, sigma, alpha, c, exact, state)
     return state
