@@ -9,8 +9,10 @@
     training set; in the same pass as the neighbours, each training chunk's rows are given their cell (nearest
     centroid) and every sample and held-out point keeps its nearest training point within its own cell; per cell,
     their Mann-Whitney z of sample against held-out distances (see metrics.copying.c_t).
-Every pass checkpoints its partial top-k state after each chunk (atomically, .npz without pickles) and resumes from
-it when run again with the same inputs and settings. Distances are L2 in the chosen space: pixels (default), the
+Every pass runs the driver's top-k partial of the chosen backend on each training chunk (diffgen_fast.ops.driver,
+under knn's safety guard), merges it into the pass's top-k state with the one merge rule (ops.merge.merge_topk),
+checkpoints exactly that state after each chunk (atomically, .npz without pickles) and resumes from it when run
+again with the same inputs and settings. Distances are L2 in the chosen space: pixels (default), the
 output of a user's embedding callable, or precomputed embeddings; metric "cosine" normalises the features first
 (then d^2 = 2 - 2 cos).
 """
@@ -41,7 +43,9 @@ from diffgen_fast.metrics.copying import (
     kmeans_centroids,
 )
 from diffgen_fast.metrics.memorization import MemorizationResult
-from diffgen_fast.ops.knn import knn_sqdist64
+from diffgen_fast.ops import dispatch, driver
+from diffgen_fast.ops._checks import check_float, check_queries, checks_enabled
+from diffgen_fast.ops.knn import float64_overflow_error, knn_sqdist64, partial_topk_checked
 from diffgen_fast.ops.merge import merge_topk
 
 log = logging.getLogger("diffgen_fast.scoring")
@@ -93,7 +97,8 @@ def _sha(t: torch.Tensor) -> str:
 
 
 class _Checkpoint:
-    """A top-k state saved after every chunk: best_d [M, c], best_i [M, c] (c = min(k, next_row) columns), the next
+    """The driver's top-k state of a pass saved after every chunk: best_d [M, c] float64, best_i [M, c] int64 (c =
+    min(k, next_row) columns, each row ascending by (distance, index), as ops.merge.merge_topk leaves it), the next
     row and a key of the inputs.
 
     Loading never trusts the file: it is read without pickles, and a file that is unreadable, empty, or inconsistent
@@ -105,8 +110,8 @@ class _Checkpoint:
 
     def __init__(self, path: Optional[Path], key: dict, n_cells: int = 0):
         self.path, self.key = path, json.dumps(key, sort_keys=True)
-        # with cells: cell_d [M] float64, cell_i [M] int64 (nearest training point in the query's own cell, inf / -1
-        # while none is seen) and cell_n [C] int64 (training rows per cell so far)
+        # with cells: cell_d [M] float64, cell_i [M] int64 (the top-1 state of each query among the training rows of
+        # its own cell, inf / -1 while none is seen) and cell_n [C] int64 (training rows per cell so far)
         self.n_cells = n_cells
         self.arrays = self._ARRAYS + (("cell_d", "cell_i", "cell_n") if n_cells else ())
         self.cell_state: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
@@ -158,8 +163,8 @@ class _Checkpoint:
             raise self._refuse(f"has cell_d {cell_d.dtype}, cell_i {cell_i.dtype}, cell_n {cell_n.dtype}")
         if cell_d.shape != (m,) or cell_i.shape != (m,) or cell_n.shape != (self.n_cells,):
             raise self._refuse(f"has cell arrays of shapes {[list(a.shape) for a in (cell_d, cell_i, cell_n)]}")
-        none = cell_i == -1
-        if np.isnan(cell_d).any() or (cell_d < 0).any() or (none != (cell_d == np.inf)).any():
+        none = cell_i == -1  # padding needs an infinite distance (a real row may have one: float64 overflow)
+        if np.isnan(cell_d).any() or (cell_d < 0).any() or (none & (cell_d != np.inf)).any():
             raise self._refuse("holds NaN, negative or unmatched cell distances")
         if ((cell_i < -1) | (cell_i >= done)).any() or (cell_n < 0).any() or cell_n.sum() != done:
             raise self._refuse(f"holds cell indices or counts inconsistent with the {done} rows seen")
@@ -238,13 +243,23 @@ def stream_topk(
     """Exact top-k of queries [M, e] among the training points (mapped through `space`), chunk by chunk, with the
     state checkpointed after each chunk and resumed from a checkpoint with the same key.
 
+    Each chunk runs the driver's top-k partial of the backend (ops.knn.partial_topk_checked: driver.partial_topk
+    under knn's safety guard) and is merged into the state with ops.merge.merge_topk; the state checkpointed is that
+    top-k state. The result equals one knn call over the whole set: the same indices (ties to the smaller index), the
+    same float64 distances (to float64 rounding); faiss, not a driver backend, runs the public knn per chunk.
+
     cells: optional (centroids [C, e], query_cells [M] int64): in the same pass, each chunk's rows are given their
-    nearest centroid and every query keeps its nearest training point among the rows of its own cell.
+    nearest centroid and every query keeps its nearest training point among the rows of its own cell (a top-1 state
+    merged the same way).
 
     Returns (sqdist [M, k] float64, index [M, k] int64, PassStats), and with cells a fourth item (cell_sqdist [M]
     float64, inf where the cell has no training point; cell_index [M] int64, -1 there; train_per_cell [C] int64).
     """
     M = queries.shape[0]
+    check_queries(queries, "queries")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(train):
+        raise InputError(f"k: expected an int in [1, N = {len(train)}] (training points), got {k!r}")
+    name = _stream_backend(backend, queries, train, k)
     stats = PassStats()
     ck_key = {"k": k, "chunk_size": chunk_size, "queries": _sha(queries), **(key or {})}
     if cells is not None:
@@ -255,7 +270,7 @@ def stream_topk(
     if state is not None:
         best_d, best_i, done = state
         stats.resumed_from_row = done
-    else:
+    else:  # the state of the empty set: merging it with a chunk's state gives that state back
         best_d = torch.empty(M, 0, dtype=torch.float64)
         best_i = torch.empty(M, 0, dtype=torch.int64)
         done = 0
@@ -277,11 +292,14 @@ def stream_topk(
         if start + n <= done:
             stats.chunks_skipped += 1
             continue
+        if start < done:  # a chunk the checkpoint has partly seen (other chunk boundaries): its rows from `done` on
+            Y, start, n = Y[done - start :], done, start + n - done
         F = Y if space is None or space.identity else space(Y, train.shape)
-        d2, idx, _ = knn_sqdist64(queries, F, min(k, n), backend=backend)
-        best_d, best_i = merge_topk(best_d, best_i, torch.as_tensor(d2).double(), torch.as_tensor(idx) + start, k)
+        _check_chunk(F, start, queries.shape[1])
+        d2, idx = _chunk_topk(name, queries, F, min(k, n), start)
+        best_d, best_i = merge_topk(best_d, best_i, d2, idx, k)
         if cells is not None:
-            _cell_nn_chunk(queries, q_cells, cent, F, start, cell_state, backend)
+            cell_state = _cell_nn_chunk(queries, q_cells, cent, F, start, cell_state, name)
         done = start + n
         ck.save(best_d, best_i, done, cell_state)
         stats.chunks += 1
@@ -291,28 +309,66 @@ def stream_topk(
             on_chunk(stats.chunks, done)
         if stop_after and stats.chunks >= stop_after:
             os._exit(75)
+    # as knn: a row whose k-th squared distance overflows even float64 over the whole set cannot be ranked
+    over = ~torch.isfinite(best_d[:, -1]) if best_d.shape[1] else torch.zeros(M, dtype=torch.bool)
+    if bool(over.any()):
+        raise float64_overflow_error(over.nonzero().squeeze(1))
     stats.seconds = time.perf_counter() - t0
     if cells is not None:
         return best_d, best_i, stats, cell_state
     return best_d, best_i, stats
 
 
-def _cell_nn_chunk(queries, q_cells, cent, F, start: int, state, backend: str) -> None:
-    """Update state = (cell_d, cell_i, cell_n) in place with one chunk F of training rows starting at row `start`:
-    the rows' cells (nearest centroid), their count per cell, and each query's nearest row of its own cell (an earlier
-    row is kept on equal distances)."""
-    cell_d, cell_i, cell_n = state
+def _stream_backend(backend: str, queries: torch.Tensor, train, k: int) -> str:
+    """The knn backend a streamed pass runs, resolved as knn resolves it for the queries' device; a driver backend is
+    checked once for the pass (as driver.topk_state checks it)."""
+    name, _ = dispatch.resolve("knn", backend, queries.device)
+    if name != "faiss":
+        driver.topk_backend(name).check(queries, train, k)
+    return name
+
+
+def _check_chunk(F: torch.Tensor, start: int, e: int) -> None:
+    """The checks knn makes of a training set, for one streamed chunk F [n, e'] of rows start..: floating, finite (the
+    first bad row named by its row in the training set), e' = e features as the queries."""
+    check_float(F, "train")
+    if F.ndim != 2 or F.shape[1] != e:
+        raise InputError(f"train: rows of {list(F.shape[1:])} features do not match queries of {e} features")
+    if checks_enabled() and F.numel() and not bool(torch.isfinite(F).all()):
+        row = start + int((~torch.isfinite(F)).any(dim=1).nonzero()[0, 0])
+        raise InputError(f"train: contains NaN or Inf (first at row {row}); expected finite values")
+
+
+def _chunk_topk(name: str, x: torch.Tensor, F: torch.Tensor, k: int, start: int):
+    """The exact top-k state (sqdist [m, k] float64, index [m, k] int64, indices start + row of F) of x among the
+    rows of the chunk F."""
+    if x.shape[0] == 0:
+        return torch.empty(0, k, dtype=torch.float64), torch.empty(0, k, dtype=torch.int64)
+    if name == "faiss":
+        # faiss is not a driver backend (an index, not a chunk partial: ops/knn/faiss.py): its chunk state comes from
+        # the public knn over the chunk as before (its exact IndexFlatL2 search, re-rank and the safety guard), and is
+        # merged by the same merge_topk as every other backend's
+        d2, idx, _ = knn_sqdist64(x, F, k, backend="faiss")
+        return d2, idx + start
+    d2, idx = partial_topk_checked(name, x, F, k, start)
+    return d2.cpu(), idx.cpu()
+
+
+def _cell_nn_chunk(queries, q_cells, cent, F, start: int, state, name: str):
+    """The state (cell_d, cell_i, cell_n) after one chunk F of training rows starting at row `start`: the rows' cells
+    (nearest centroid), their count per cell, and each query's top-1 state among the rows of its own cell, the
+    chunk's (the driver's partial over the chunk's rows of that cell) merged into it by merge_topk (so ties go to
+    the smaller row)."""
+    cell_d, cell_i, cell_n = (t.clone() for t in state)
     r_cells = assign_cells(F, cent)
     cell_n += torch.bincount(r_cells, minlength=cell_n.shape[0])
     for c in np.intersect1d(r_cells.unique().numpy(), q_cells.unique().numpy()):
         qi = (q_cells == int(c)).nonzero()[:, 0]
-        ri = (r_cells == int(c)).nonzero()[:, 0]
-        d2, idx, _ = knn_sqdist64(queries[qi], F[ri], 1, backend=backend)
-        d2 = torch.as_tensor(d2).double()[:, 0].clamp(min=0)
-        rows = ri[torch.as_tensor(idx)[:, 0]] + start
-        better = d2 < cell_d[qi]
-        cell_d[qi[better]] = d2[better]
-        cell_i[qi[better]] = rows[better]
+        ri = (r_cells == int(c)).nonzero()[:, 0]  # ascending: the chunk's order by row is the training set's
+        d2, idx = _chunk_topk(name, queries[qi], F[ri], 1, 0)
+        d, i = merge_topk(cell_d[qi, None], cell_i[qi, None], d2, ri[idx] + start, 1)
+        cell_d[qi], cell_i[qi] = d[:, 0], i[:, 0]
+    return cell_d, cell_i, cell_n
 
 
 @dataclass

@@ -93,6 +93,48 @@ def knn_exact_rows(x: torch.Tensor, ts, k: int) -> tuple[torch.Tensor, torch.Ten
     return best_d, best_i
 
 
+def _bad_rows(d2: torch.Tensor, idx: torch.Tensor, lo: int, hi: int, *, exact: bool = True) -> torch.Tensor:
+    """[M] bool: the rows of a top-k state (sqdist, index) over training rows [lo, hi) that knn's safety guard
+    recomputes: a non-finite distance or an index outside [lo, hi); for an approximate index (exact False), a
+    non-finite distance of a point found, no point found at all, or an index past the end."""
+    if exact:
+        return (~torch.isfinite(d2) | (idx >= hi) | (idx < lo)).any(dim=1)
+    return (~torch.isfinite(d2) & (idx >= 0)).any(dim=1) | (idx < 0).all(dim=1) | (idx >= hi).any(dim=1)
+
+
+def float64_overflow_error(rows: torch.Tensor) -> InputError:
+    """The error of query rows whose k-th squared distance overflows even float64 after the exact recompute."""
+    return InputError(
+        f"queries: the squared distances of rows {_rows_text(rows)} overflow even float64 (values too large to "
+        f"compare); rescale the data"
+    )
+
+
+def partial_topk_checked(
+    name: str, x: torch.Tensor, Y: torch.Tensor, k: int, index_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training chunk's top-k state on the driver backend `name` (driver.partial_topk: x [M, d] against the rows
+    Y [n, d], k <= n, indices offset by index_offset), under the same safety guard as knn: rows with a non-finite
+    distance or an index outside [index_offset, index_offset + n) are recomputed exactly by float64 differences over
+    the chunk. Returns (sqdist [M, k] float64, index [M, k] int64) on x's device, ascending by (distance, index).
+
+    Squared distances that overflow even float64 stay +inf (with their indices): whether that matters depends on the
+    other chunks, so a caller merging chunks checks its final state (float64_overflow_error), as knn does."""
+    from diffgen_fast.ops import driver
+    from diffgen_fast.ops._prepare import TensorChunks
+
+    d2, idx = driver.partial_topk(name, x, Y, k, index_offset)
+    d2 = d2.to(device=x.device, dtype=torch.float64)
+    idx = idx.to(x.device)
+    bad = _bad_rows(d2, idx, index_offset, index_offset + Y.shape[0])
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        fd, fi = knn_exact_rows(x[rows], TensorChunks(Y, "train"), k)
+        d2, idx = d2.clone(), idx.clone()
+        d2[rows], idx[rows] = fd, fi + index_offset
+    return d2, idx
+
+
 def _knn64(queries, train, k, *, backend="auto", index=None, nprobe=None, ef_search=None, recall_sample=256):
     if isinstance(k, bool) or not isinstance(k, int):
         raise InputTypeError(f"k: expected an int, got {type(k).__name__}")
@@ -120,11 +162,7 @@ def _knn64(queries, train, k, *, backend="auto", index=None, nprobe=None, ef_sea
     # index may legitimately miss points (-1): only its rows that found nothing, or whose distances overflowed,
     # are recomputed.
     N = len(ts)
-    out_of_range = (idx >= N) | (idx < 0)
-    if info.get("exact", True):
-        bad = (~torch.isfinite(d2) | out_of_range).any(dim=1)
-    else:
-        bad = (~torch.isfinite(d2) & (idx >= 0)).any(dim=1) | (idx < 0).all(dim=1) | (idx >= N).any(dim=1)
+    bad = _bad_rows(d2, idx, 0, N, exact=info.get("exact", True))
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
         fd, fi = knn_exact_rows(x2[rows], ts, k)
@@ -134,9 +172,6 @@ def _knn64(queries, train, k, *, backend="auto", index=None, nprobe=None, ef_sea
             info["missing"] = int((idx < 0).sum())
         over = ~torch.isfinite(fd[:, -1])
         if bool(over.any()):
-            raise InputError(
-                f"queries: the squared distances of rows {_rows_text(rows[over])} overflow even float64 (values too "
-                f"large to compare); rescale the data"
-            )
+            raise float64_overflow_error(rows[over])
     dtype = torch.float64 if torch.float64 in (x2.dtype, ts.dtype) else torch.float32
     return d2, idx, info, was_np, dtype, x2
