@@ -1104,7 +1104,7 @@ def format_ceilings(ceilings: dict) -> str:
 def roofline_figure(rows: list[dict], ceilings: dict, path: PathLike):
     """A log-log roofline PNG: arithmetic intensity (FLOP/byte) on x, achieved GFLOP/s on y, the measured GEMM roof
     (flat) and copy bandwidth (slope) as lines, each measured point labelled. Returns the path."""
-    from diffgen_fast.report import _new_figure, _save_figure
+    from diffgen_fast.figures import _new_figure, _save_figure
 
     pts = [r for r in rows if r.get("status") == "ok"]
     gemm = float(ceilings.get("gemm_gflops") or 0) or None

@@ -127,7 +127,7 @@ def demo(out_dir: Path, n: int, steps: int, seed: int, backend: str, no_progress
     diffgen-fast demo                              # 64 samples each, 18 steps, into ./demo_out
     diffgen-fast demo --n 8 --steps 6 --out /tmp/d # a quick smoke run
     """
-    from diffgen_fast.report import run_demo
+    from diffgen_fast.demo import run_demo
 
     t0 = time.perf_counter()
     summary = run_demo(out_dir, n=n, steps=steps, seed=seed, backend=backend, progress=not no_progress)
@@ -696,8 +696,8 @@ def score(
     """
     from diffgen_fast._outdir import OutputFolder
     from diffgen_fast.layout import RangeMismatchWarning
+    from diffgen_fast.metrics.score_report import write_score_outputs
     from diffgen_fast.metrics.scoring import score as run_score
-    from diffgen_fast.report import write_score_outputs
 
     t0 = time.perf_counter()
     # One run per folder (a second is refused at once); the lock is held until the command returns.
@@ -1158,7 +1158,7 @@ def analyze_kde_cmd(d, ns, redraws, generator, seed, out_dir) -> None:
             click.echo(f"KL = inf at N = {', '.join(map(str, inf_ns))}: the generated covariance C is singular "
                        "(least squares from N points has rank <= N - 1 < d); Delta stays finite")  # fmt: skip
     if len(ds) > 1:
-        from diffgen_fast.report import write_json_atomic
+        from diffgen_fast._atomic import write_json_atomic
 
         scales_figure(runs, Path(out_dir) / "kde_scales.png")
         write_json_atomic({"ds": ds, "runs": [{k: v for k, v in r.items() if k != "files"} for r in runs]},

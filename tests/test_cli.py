@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from diffgen_fast import report
+from diffgen_fast import demo
 from diffgen_fast.cli import main
 from diffgen_fast.errors import InputError
 
@@ -146,7 +146,7 @@ def test_package_errors_are_one_clean_line(monkeypatch, tmp_path):
     def failing_demo(*args, **kwargs):
         raise InputError("train: expected [N, d],\n got [3]")
 
-    monkeypatch.setattr(report, "run_demo", failing_demo)
+    monkeypatch.setattr(demo, "run_demo", failing_demo)  # the CLI imports it from diffgen_fast.demo
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip() == "error: train: expected [N, d], got [3]"

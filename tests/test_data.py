@@ -205,7 +205,8 @@ def test_statistics_match_numpy_memmap_many_chunks(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     a = (3.0 + 2.0 * rng.standard_normal((97, 2, 3, 3))).astype(np.float32)
     np.save(tmp_path / "a.npy", a)
-    monkeypatch.setattr(data_mod, "DEFAULT_CHUNK_BYTES", 10 * 18 * 4)  # 10 float32 rows, 5 float64 rows per chunk
+    # 10 float32 rows, 5 float64 rows per chunk (the constant is read where TrainingSet lives)
+    monkeypatch.setattr(data_mod.training_set, "DEFAULT_CHUNK_BYTES", 10 * 18 * 4)
     ts = TrainingSet.from_npy(tmp_path / "a.npy")
     assert not ts.is_in_memory and len(list(ts.iter_chunks())) == 10
     sq, mean, cov = _np_stats(a)
@@ -623,9 +624,9 @@ def test_gaussian_reproducible():
 def test_image_folder_and_zip_streamed_into_a_cache(tmp_path, monkeypatch):
     """cache=: images decoded a chunk at a time into a memory-mapped float32 .npy, equal to the in-memory load,
     reused while the files are unchanged and rebuilt when they change."""
-    from diffgen_fast import data
+    from diffgen_fast.data.formats import images
 
-    monkeypatch.setattr(data, "IMAGE_CACHE_CHUNK", 3)  # several chunks
+    monkeypatch.setattr(images, "IMAGE_CACHE_CHUNK", 3)  # several chunks
     images = np.random.default_rng(3).integers(0, 256, size=(8, 4, 4, 3), dtype=np.uint8)
     _edm_zip(tmp_path / "ds.zip", images, [0, 1, 2, 3, 4, 5, 6, 7])
     mem = TrainingSet.from_edm_zip(tmp_path / "ds.zip")

@@ -22,11 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
+import diffgen_fast
 import diffgen_fast.data as data_mod
 from diffgen_fast.data import TrainingSet
 from diffgen_fast.errors import DataFormatError, InputError
 
-ROOT = Path(data_mod.__file__).resolve().parents[1]  # the package under test, for the subprocesses
+ROOT = Path(diffgen_fast.__file__).resolve().parents[1]  # the package under test, for the subprocesses
 MAX_LABEL = (1 << 24) - 1  # data_mod.MAX_CLASS_LABEL
 LINUX_MAPS = os.path.exists("/proc/self/maps")
 

@@ -225,10 +225,11 @@ def test_cli_refuses_empty_out_and_bad_thresholds(tmp_path, extra, message, monk
 
 
 def test_nn_grid_title_says_how_many_are_shown(tmp_path, monkeypatch):
-    from diffgen_fast import report
+    from diffgen_fast import figures
+    from diffgen_fast.metrics.score_report import write_score_outputs
 
     seen = {}
-    real = report._save_figure
+    real = figures._save_figure
 
     def spy(fig, path, **kw):
         if str(path).endswith("nn_grid.png"):
@@ -237,10 +238,10 @@ def test_nn_grid_title_says_how_many_are_shown(tmp_path, monkeypatch):
             seen["data"] = kw.get("data")
         return real(fig, path, **kw)
 
-    monkeypatch.setattr(report, "_save_figure", spy)
+    monkeypatch.setattr(figures, "_save_figure", spy)  # nn_grid_figure saves through it
     train = _images(n=300, seed=10)
     r = score(train[:100], train, check_authenticity=False)
-    report.write_score_outputs(r, tmp_path, train[:100], TrainingSet(train))
+    write_score_outputs(r, tmp_path, train[:100], TrainingSet(train))
     assert "most memorized 64 of 100 shown" in seen["title"]
     assert seen["data"].startswith("100 samples vs ") and "(N=300)" in seen["data"]  # the data, stamped on it
     assert any("samples[" in t and "~ train[" in t for t in seen["texts"])

@@ -1,4 +1,5 @@
-"""report.py: figures, atomic writers, the per-sample CSV and the Markdown report, on fake arrays."""
+"""Figures (figures.py), atomic writers (_atomic.py), the per-sample CSV (metrics/memorization.py) and the demo's
+Markdown report (demo.py), on fake arrays; and the names report.py re-exports from them."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffgen_fast import report
+from diffgen_fast import _atomic, demo, figures, report
 from diffgen_fast.errors import InputError
+from diffgen_fast.metrics import memorization
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,7 @@ def test_nn_grid_figure_shapes(tmp_path, shape):
     y = np.clip(x + 0.1 * rng.standard_normal(shape), -1, 1)
     r = rng.uniform(0, 1, shape[0])
     r[0] = np.nan  # sorts last, printed as n/a
-    out = report.nn_grid_figure(x, y, r, tmp_path / "grid.png", ncols=4, titles=[f"s{i}" for i in range(shape[0])])
+    out = figures.nn_grid_figure(x, y, r, tmp_path / "grid.png", ncols=4, titles=[f"s{i}" for i in range(shape[0])])
     assert out == tmp_path / "grid.png"
     w, h = _png_ok(out)
     assert w > 100 and h > 100
@@ -59,21 +61,21 @@ def test_nn_grid_figure_torch_inputs_and_max_items(tmp_path):
     x = torch.rand(100, 1, 8, 8, generator=g) * 2 - 1
     y = torch.rand(100, 1, 8, 8, generator=g) * 2 - 1
     r = torch.rand(100, generator=g)
-    few = report.nn_grid_figure(x, y, r, tmp_path / "few.png", max_items=8, ncols=8)
-    many = report.nn_grid_figure(x, y, r, tmp_path / "many.png", max_items=64, ncols=8)
+    few = figures.nn_grid_figure(x, y, r, tmp_path / "few.png", max_items=8, ncols=8)
+    many = figures.nn_grid_figure(x, y, r, tmp_path / "many.png", max_items=64, ncols=8)
     assert _png_ok(few)[1] < _png_ok(many)[1]  # 1 row vs 8 rows
 
 
 def test_nn_grid_figure_rejects_mismatch(tmp_path):
     x = np.zeros((4, 1, 8, 8))
     with pytest.raises(InputError, match="same shape"):
-        report.nn_grid_figure(x, np.zeros((4, 1, 8, 7)), np.zeros(4), tmp_path / "a.png")
+        figures.nn_grid_figure(x, np.zeros((4, 1, 8, 7)), np.zeros(4), tmp_path / "a.png")
     with pytest.raises(InputError, match="ratios"):
-        report.nn_grid_figure(x, x, np.zeros(3), tmp_path / "a.png")
+        figures.nn_grid_figure(x, x, np.zeros(3), tmp_path / "a.png")
     with pytest.raises(InputError, match="titles"):
-        report.nn_grid_figure(x, x, np.zeros(4), tmp_path / "a.png", titles=["a"])
+        figures.nn_grid_figure(x, x, np.zeros(4), tmp_path / "a.png", titles=["a"])
     with pytest.raises(InputError, match="value_range"):
-        report.nn_grid_figure(x, x, np.zeros(4), tmp_path / "a.png", value_range=(1, 1))
+        figures.nn_grid_figure(x, x, np.zeros(4), tmp_path / "a.png", value_range=(1, 1))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -84,7 +86,7 @@ def test_ratio_histogram(tmp_path):
         "gaussian": torch.from_numpy(rng.uniform(0.5, 1.0, 64)),
         "with nan": np.array([0.1, np.nan, 0.9]),
     }
-    out = report.ratio_histogram(ratios, tmp_path / "hist.png", threshold=1 / 3)
+    out = figures.ratio_histogram(ratios, tmp_path / "hist.png", threshold=1 / 3)
     _png_ok(out)
     _no_temp_files(tmp_path)
 
@@ -92,10 +94,11 @@ def test_ratio_histogram(tmp_path):
 def test_figures_leave_pyplot_alone():
     code = (
         "import sys, tempfile, numpy as np, os\n"
-        "from diffgen_fast import report\n"
+        "from diffgen_fast import demo, figures, report\n"
+        "from diffgen_fast.metrics import score_report\n"
         "d = tempfile.mkdtemp()\n"
-        "report.ratio_histogram({'a': np.random.rand(10)}, os.path.join(d, 'h.png'))\n"
-        "report.nn_grid_figure(np.zeros((2, 1, 4, 4)), np.ones((2, 1, 4, 4)), [0.1, 0.5], os.path.join(d, 'g.png'))\n"
+        "figures.ratio_histogram({'a': np.random.rand(10)}, os.path.join(d, 'h.png'))\n"
+        "figures.nn_grid_figure(np.zeros((2, 1, 4, 4)), np.ones((2, 1, 4, 4)), [0.1, 0.5], os.path.join(d, 'g.png'))\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
@@ -112,7 +115,7 @@ def test_write_json_atomic_roundtrip(tmp_path):
         "flag": np.bool_(True),
         "nested": [{"x": (1, 2)}],
     }
-    p = report.write_json_atomic(obj, tmp_path / "sub" / "r.json")
+    p = _atomic.write_json_atomic(obj, tmp_path / "sub" / "r.json")
     back = json.loads(p.read_text())
     assert back == {
         "a": 0.5,
@@ -127,13 +130,13 @@ def test_write_json_atomic_roundtrip(tmp_path):
     _no_temp_files(p.parent)
     assert stat.S_IMODE(p.stat().st_mode) == 0o644  # not mkstemp's 0600
     with pytest.raises(InputError, match="serialise"):
-        report.write_json_atomic({"x": object()}, tmp_path / "bad.json")
+        _atomic.write_json_atomic({"x": object()}, tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
 
 
 def test_write_text_atomic_failure_keeps_old_file(tmp_path, monkeypatch):
     p = tmp_path / "report.md"
-    report.write_text_atomic("old\n", p)
+    _atomic.write_text_atomic("old\n", p)
     assert p.read_text() == "old\n"
 
     def broken_replace(src, dst):
@@ -141,11 +144,11 @@ def test_write_text_atomic_failure_keeps_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk on fire"):
-        report.write_text_atomic("new\n", p)
+        _atomic.write_text_atomic("new\n", p)
     monkeypatch.undo()
     assert p.read_text() == "old\n"
     assert sorted(q.name for q in tmp_path.iterdir()) == ["report.md"]
-    report.write_text_atomic("new\n", p)
+    _atomic.write_text_atomic("new\n", p)
     assert p.read_text() == "new\n"
     assert sorted(q.name for q in tmp_path.iterdir()) == ["report.md"]
 
@@ -157,7 +160,7 @@ def test_write_memorization_csv(tmp_path):
         ratio=torch.tensor([0.0, 0.75]),
         memorized=torch.tensor([True, False]),
     )
-    p = report.write_memorization_csv(res, tmp_path / "s.csv")
+    p = memorization.write_memorization_csv(res, tmp_path / "s.csv")
     rows = list(csv.DictReader(p.open()))
     assert list(rows[0]) == ["index", "nn1", "nn2", "d1", "d2", "ratio", "memorized"]
     assert rows[0] == {"index": "0", "nn1": "3", "nn2": "9", "d1": "0", "d2": "2", "ratio": "0", "memorized": "1"}
@@ -211,7 +214,7 @@ def _fake_summary() -> dict:
 
 
 def test_demo_report_markdown():
-    md = report.demo_report_markdown(_fake_summary())
+    md = demo.demo_report_markdown(_fake_summary())
     assert "| denoiser | samples | memorized fraction | median ratio |" in md
     assert "| empirical (EmpiricalDenoiser) | 64 | 100.0% | 0.0000 |" in md
     assert "| gaussian (GaussianDenoiser) | 64 | 0.0% | n/a |" in md  # NaN median shown as n/a
@@ -224,5 +227,27 @@ def test_demo_report_markdown():
 
 
 def test_demo_report_markdown_partial_summary():
-    md = report.demo_report_markdown({})
+    md = demo.demo_report_markdown({})
     assert md.startswith("# ") and "| denoiser |" in md and "n/a" in md
+
+
+def test_report_module_reexports_the_old_names():
+    """report.py was split; every name it had is still importable from it, and is the object of its new home."""
+    from diffgen_fast.metrics import score_report
+
+    homes = {
+        _atomic: ["write_json_atomic", "write_text_atomic", "write_bytes_atomic", "write_npz_atomic", "_jsonable"],
+        figures: ["nn_grid_figure", "ratio_histogram", "_new_figure", "_save_figure", "_provenance", "_git_sha",
+                  "_as_numpy", "_fmt", "_fmt_fraction", "_format_threshold", "_format_ratio", "_HIST_COLORS"],
+        demo: ["run_demo", "demo_report_markdown", "_versions", "_resolved_backends", "_progress_factory"],
+        memorization: ["write_memorization_csv"],
+        score_report: ["write_score_outputs", "write_score_csv", "distance_figure", "train_vs_heldout_figure",
+                       "score_report_markdown"],
+    }  # fmt: skip
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(report, name) is getattr(module, name), name
+    assert set(report.__all__) == {
+        "nn_grid_figure", "ratio_histogram", "write_json_atomic", "write_text_atomic", "write_memorization_csv",
+        "demo_report_markdown", "run_demo",
+    }  # fmt: skip

@@ -172,7 +172,7 @@ def analyze_gap(
         r.pop("sigma")
         out["models"][name] = r
     if out_dir is not None:
-        from diffgen_fast.report import write_json_atomic
+        from diffgen_fast._atomic import write_json_atomic
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ def analyze_gap(
 
 
 def _plot_gap(result: dict, path: Path) -> Path:
-    from diffgen_fast.report import _new_figure, _save_figure
+    from diffgen_fast.figures import _new_figure, _save_figure
 
     fig = _new_figure(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)

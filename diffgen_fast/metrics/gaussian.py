@@ -620,7 +620,7 @@ def analyze_gaussian(
             "difference_stderr": dif["stderr"],
         }
     if out_dir is not None:
-        from diffgen_fast.report import write_json_atomic
+        from diffgen_fast._atomic import write_json_atomic
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -647,7 +647,7 @@ _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 
 
 def _plot_gaussian(result: dict, path: Path) -> Path:
-    from diffgen_fast.report import _new_figure, _save_figure
+    from diffgen_fast.figures import _new_figure, _save_figure
 
     fig = _new_figure(11.0, 4.2)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)

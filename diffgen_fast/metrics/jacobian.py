@@ -271,7 +271,7 @@ def analyze_jacobian(
     if out_dir is not None:
         from pathlib import Path
 
-        from diffgen_fast.report import write_json_atomic
+        from diffgen_fast._atomic import write_json_atomic
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -282,7 +282,7 @@ def analyze_jacobian(
 
 
 def _plot_jacobian(result: dict, path) -> Any:
-    from diffgen_fast.report import _new_figure, _save_figure
+    from diffgen_fast.figures import _new_figure, _save_figure
 
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     fig = _new_figure(12.0, 4.4)

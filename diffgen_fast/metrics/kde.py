@@ -863,7 +863,7 @@ PathLike = Union[str, os.PathLike]
 
 
 def _plot(result: dict, path: PathLike) -> Path:
-    from diffgen_fast.report import _new_figure, _save_figure
+    from diffgen_fast.figures import _new_figure, _save_figure
 
     Ns = np.asarray(result["Ns"], dtype=np.float64)
     st = result["settings"]
@@ -950,7 +950,7 @@ def analyze_kde(
     )
     files: list[str] = []
     if out_dir is not None:
-        from diffgen_fast.report import write_json_atomic
+        from diffgen_fast._atomic import write_json_atomic
 
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -967,7 +967,7 @@ def scales_figure(results: Sequence[dict], path: PathLike) -> Path:
     ``results``: :func:`delta_sweep` outputs (one per d, any generator). Infinite KL (singular C) is drawn as open
     triangles on the top edge.
     """
-    from diffgen_fast.report import _new_figure, _save_figure
+    from diffgen_fast.figures import _new_figure, _save_figure
 
     fig = _new_figure(11.0, 4.2)
     ax1, ax2 = fig.subplots(1, 2)
@@ -1013,7 +1013,7 @@ def analyze_kde_scales(
     runs = [delta_sweep(d, Ns, redraws=redraws, generator=generator, seed=seed, **kw) for d in ds]
     result: dict[str, Any] = {"ds": ds, "runs": runs, "files": []}
     if out_dir is not None:
-        from diffgen_fast.report import write_json_atomic
+        from diffgen_fast._atomic import write_json_atomic
 
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)

@@ -6,13 +6,18 @@ with L2 distances in the space the samples and the training set are given in (pi
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from diffgen_fast._atomic import PathLike, write_text_atomic
 from diffgen_fast.errors import InputError
+from diffgen_fast.figures import _as_numpy
 from diffgen_fast.ops.knn import knn_sqdist64
 
 
@@ -109,3 +114,32 @@ def memorization(samples, train, *, threshold: float = 1 / 3, backend: str = "au
         torch.as_tensor(d2), torch.as_tensor(idx), threshold, n_train=len(ts),
         value_range=getattr(ts, "value_range", None), backend=backend,
     )  # fmt: skip
+
+
+def write_memorization_csv(result: Any, path: PathLike) -> Path:
+    """Write the per-sample table of a memorization result to ``path`` atomically.
+
+    Columns: ``index`` (sample), ``nn1``, ``nn2`` (training indices of the two nearest neighbours), ``d1``, ``d2``
+    (their L2 distances, not squared), ``ratio`` (d1 / d2) and ``memorized`` (0/1). ``result`` needs the fields
+    ``nn_index`` [M, 2], ``nn_dist`` [M, 2], ``ratio`` [M] and ``memorized`` [M] of ``MemorizationResult``.
+    """
+    nn_index = _as_numpy(result.nn_index).astype(np.int64)
+    nn_dist = _as_numpy(result.nn_dist).astype(np.float64)
+    ratio = _as_numpy(result.ratio).astype(np.float64)
+    memorized = _as_numpy(result.memorized).astype(bool)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "nn1", "nn2", "d1", "d2", "ratio", "memorized"])
+    for i in range(len(ratio)):
+        w.writerow(
+            [
+                i,
+                int(nn_index[i, 0]),
+                int(nn_index[i, 1]),
+                f"{nn_dist[i, 0]:.9g}",
+                f"{nn_dist[i, 1]:.9g}",
+                f"{ratio[i]:.9g}",
+                int(memorized[i]),
+            ]
+        )
+    return write_text_atomic(buf.getvalue(), path)

@@ -104,7 +104,7 @@ def size_sweep(
     if bar is not None:
         bar.close()
     if out_dir is not None:
-        from diffgen_fast.report import write_json_atomic
+        from diffgen_fast._atomic import write_json_atomic
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def size_sweep(
 
 
 def _plot(res: dict, path: Path) -> Path:
-    from diffgen_fast.report import _new_figure, _save_figure
+    from diffgen_fast.figures import _new_figure, _save_figure
 
     names = [m for m in METRICS if res["metrics"].get(m)]
     fig = _new_figure(4.2 * len(names), 3.6)

@@ -374,7 +374,7 @@ def transition(
     result["wall_seconds"] = time.perf_counter() - t0
     result["files"] = []
     if out_path is not None:
-        from diffgen_fast.report import write_json_atomic
+        from diffgen_fast._atomic import write_json_atomic
 
         png = transition_figure(result, out_path / "transition.png")
         result["files"] = [str(out_path / "transition.json"), str(png)]
@@ -386,7 +386,7 @@ def transition_figure(result: dict, path) -> Path:
     """Panels vs N (log x): memorized fraction, gap to D* per sigma, distance to D_G per sigma; second row (when the
     result has them): the network's linearity score against sigma per N, and strong generalization (paired samples of
     the two networks on disjoint data vs each sample's nearest own training image: cosine and L2)."""
-    from diffgen_fast.report import _new_figure, _save_figure
+    from diffgen_fast.figures import _new_figure, _save_figure
 
     ns = result["Ns"]
     sigmas = result["sigmas"]
