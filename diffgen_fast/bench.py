@@ -539,8 +539,13 @@ def kernel_variant(op: str, backend: str, precision: str, d: int) -> str:
             from diffgen_fast.ops.softmax_denoise.native import DIRECT_MAX_D
         except Exception:
             DIRECT_MAX_D = 64
-        path = "direct" if d <= DIRECT_MAX_D else "BLAS scores + native epilogue"
-        return f"native {path} {simd}"
+        if d <= DIRECT_MAX_D:
+            try:
+                simd = _native.direct_kernel()
+            except Exception:
+                pass
+            return f"native direct {simd}"
+        return f"native BLAS scores + native epilogue {simd}"
     if backend == "torch":
         return "torch reference"
     if backend == "faiss":

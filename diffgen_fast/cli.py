@@ -406,6 +406,10 @@ def info(no_check: bool) -> None:
                 except Exception as e:  # an extension without the query
                     level = f"unknown ({_first_line(e)})"
                 click.echo(f"    simd dispatched (kernel variant running on this CPU): {level}")
+                try:
+                    click.echo(f"    direct kernel (d <= 64, float32): {_native.direct_kernel()}")
+                except Exception as e:
+                    click.echo(f"    direct kernel (d <= 64, float32): unknown ({_first_line(e)})")
             else:
                 click.echo(f"    {bi}")
         else:

@@ -209,8 +209,9 @@ register(
     "cpu",
     probe=_probe_softmax_cpu,
     load=_load_softmax_cpu,
-    description="native C++: fused direct-difference kernel for d <= 64 (OpenMP, AVX-512/AVX2 clones, vectorised "
-    "exp); BLAS scores + fused native epilogue + sparse P Y above; fp32/fp64; exact/fast/auto",
+    description="native C++: fused kernel for d <= 64 (AVX-512 intrinsics with packed panels and a certified float64 "
+    "norm expansion, else AVX-512/AVX2 clones; OpenMP, vectorised exp); BLAS scores + fused native epilogue + sparse "
+    "P Y above; fp32/fp64; exact/fast/auto",
 )
 
 

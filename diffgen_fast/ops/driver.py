@@ -56,6 +56,8 @@ class SoftmaxBackend:
     chunk_dtype: Callable[[torch.dtype, torch.dtype], Optional[torch.dtype]] = lambda xd, td: None
     # check(x, train) raises BackendUnavailableError when the backend cannot run this call
     check: Callable[[torch.Tensor, object], None] = lambda x, train: None
+    # takes_norms: partial accepts yy= (the chunk's float64 ||y||^2), given in eager mode when the TrainingSet has them
+    takes_norms: bool = False
     op: Optional[Callable] = field(default=None, repr=False)
 
 
@@ -210,7 +212,11 @@ def softmax_state(
                                    device=x.device)  # fmt: skip
     chunk = chunk_size or be.chunk_size(M, d, precision, need_out)
     state: Optional[SoftmaxState] = None
-    for _, Y in train.iter_chunks(chunk, device=x.device, dtype=be.chunk_dtype(x.dtype, train.dtype)):
+    # the training set's cached float64 squared norms (computed with its finiteness check) spare the backend a pass
+    norms = getattr(train, "_sqnorms", None) if be.takes_norms and not torch.compiler.is_compiling() else None
+    for start, Y in train.iter_chunks(chunk, device=x.device, dtype=be.chunk_dtype(x.dtype, train.dtype)):
+        if norms is not None and norms.device == Y.device:
+            options["yy"] = norms[start : start + Y.shape[0]]
         st = partial(name, x, Y, sigma, alpha, precision, need_out, **options)
         state = st if state is None else merge_softmax_states(state, st)
     assert state is not None  # a TrainingSet has at least one point (checked by the ops)
