@@ -63,7 +63,13 @@ def first_nonfinite_row(t: torch.Tensor) -> tuple[int | None, torch.Tensor | Non
     flat = t.reshape(n, -1)
     if (n and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and flat.is_contiguous()
             and _native.available()):  # fmt: skip
-        norms = _native.row_sqnorms(flat.detach())
+        try:
+            norms = _native.row_sqnorms(flat.detach())
+        except RuntimeError:  # a tensor without storage (torch.func / vmap wrappers): the torch scan below
+            norms = None
+    else:
+        norms = None
+    if norms is not None:
         ok = torch.isfinite(norms)
         if bool(ok.all()):
             return None, norms
