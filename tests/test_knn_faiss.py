@@ -27,7 +27,7 @@ def clustered(n, m, d, seed=0, clusters=40):
     return x, y
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", pytest.param("ivfpq", marks=pytest.mark.slow)])  # ivfpq: ~12 s
 def test_approximate_recall_is_reported_and_above_floor(kind):
     x, y = clustered(20000, 300, 32, seed=2)
     d2, idx, info = knn(x, y, 5, index=kind, return_info=True)

@@ -15,6 +15,7 @@ from diffgen_fast.ops.softmax_denoise.reference import softmax_denoise_torch
 from tests.helpers import make_problem
 
 
+@pytest.mark.slow  # six chunkings in float64, ~6 s
 def test_chunking_and_query_blocks(monkeypatch):
     x, y = make_problem(29, 301, 17, dtype=torch.float64, seed=11)
     ts = TrainingSet.coerce(y)

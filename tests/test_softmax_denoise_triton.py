@@ -43,7 +43,7 @@ def _err(out, lse, ref, ref_lse):
     return e_out, e_lse
 
 
-@pytest.mark.parametrize("M,N,d", [(3, 97, 3), (59, 97, 59), (2, 59, 3072)])
+@pytest.mark.parametrize("M,N,d", [(3, 97, 3), (59, 97, 59), pytest.param(2, 59, 3072, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("sigma", [1.0, 80.0])
 def test_fast_error_is_bf16_level(M, N, d, sigma):
     """fast: bf16 products; the denoised error is the bf16 rounding of the data (~4e-3 at values in [-1, 1])."""
@@ -92,6 +92,7 @@ def test_auto_fp32_inputs_give_fp32_accurate_outputs(M, N, d, sigma):
     assert _rel(out, ref) <= 1e-4, _rel(out, ref)
 
 
+@pytest.mark.slow  # d = 3072 in the interpreter, ~45 s
 def test_auto_fp32_large_sigma_image_scale(monkeypatch):
     """The issue's case: 500 points, d = 3072, sigma = 1e4 -> bf16-product scores, fp32 weights ("mixed")."""
     picked = []
