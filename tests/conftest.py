@@ -38,14 +38,16 @@ _real_empty_like = torch.empty_like
 def _poisoned_empty(*args, **kwargs):
     t = _real_empty(*args, **kwargs)
     if t.is_floating_point():
-        t.fill_(float("nan"))
+        with torch.no_grad():  # a leaf allocated with requires_grad=True (inductor's pattern init does) stays a leaf
+            t.fill_(float("nan"))
     return t
 
 
 def _poisoned_empty_like(*args, **kwargs):
     t = _real_empty_like(*args, **kwargs)
     if t.is_floating_point():
-        t.fill_(float("nan"))
+        with torch.no_grad():
+            t.fill_(float("nan"))
     return t
 
 

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each script end to end in a subprocess, 6-13 s
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--tiny", "--quiet", "--repeat", "1", "--warmup", "0"]
 

@@ -86,6 +86,7 @@ def test_info_no_check():
     assert "self-check skipped" in result.output and "PASS" not in result.output
 
 
+@pytest.mark.slow  # CLI subprocesses, ~5 s
 def test_info_never_claims_a_backend_that_raises(monkeypatch):
     import diffgen_fast.ops.dispatch as dispatch
 

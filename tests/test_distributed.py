@@ -140,6 +140,7 @@ def _worker_ops(rank: int, world: int, init: str, tmp: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns ranks, ~12 s
 def test_distributed_ops_match_single_process(tmp_path):
     _spawn(_worker_ops, 2, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt")
@@ -163,6 +164,7 @@ def _worker_npy(rank: int, world: int, init: str, tmp: str, path: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns three ranks, ~10 s
 def test_distributed_three_ranks_memmap(tmp_path):
     y, _ = _data(10, d=6, dtype=torch.float32)
     path = tmp_path / "train.npy"
@@ -203,6 +205,7 @@ def test_shard_bounds():
             assert max(s - a for a, s in b) - min(s - a for a, s in b) <= 1
 
 
+@pytest.mark.slow  # torchrun, ~10 s
 def test_example_with_torchrun():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -157,3 +157,36 @@ def test_the_overflow_guard_still_runs_under_compile():
     got = f(x)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, eager)
+
+
+def _inductor_unavailable():
+    """None when inductor compiles and runs a trivial graph on this machine (it needs a C++ compiler), else why not."""
+    try:
+        torch._dynamo.reset()
+        f = torch.compile(lambda t: t * 2 + 1, fullgraph=True)
+        ok = torch.equal(f(torch.arange(4.0)), torch.arange(4.0) * 2 + 1)
+        return None if ok else "inductor's trivial graph gave a wrong result"
+    except Exception as e:  # pragma: no cover - depends on the machine (no C++ compiler, ...)
+        return f"inductor cannot compile here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_fullgraph_inductor_compile_equals_eager(backend):
+    """torch.compile with the default backend (inductor: it compiles the driver's merges and finalisation into C++
+    kernels around each backend's opaque partial op) equals eager, for softmax_denoise, its stats and
+    kde_log_density."""
+    if backend not in SOFTMAX_BACKENDS:
+        pytest.skip(f"{backend} unavailable")
+    why = _inductor_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    torch._dynamo.reset()
+    x, Y = make_problem(6, 240, 5, seed=2, sigma=0.5)
+    f = torch.compile(lambda x: softmax_denoise(x, Y, 0.5, backend=backend), fullgraph=True)
+    torch.testing.assert_close(f(x), softmax_denoise(x, Y, 0.5, backend=backend), rtol=0, atol=0)
+    g = torch.compile(lambda x: softmax_denoise(x, Y, 0.5, backend=backend, return_stats=True), fullgraph=True)
+    for got, ref in zip(g(x), softmax_denoise(x, Y, 0.5, backend=backend, return_stats=True)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    h = torch.compile(lambda x: kde_log_density(x, Y, 0.3, backend=backend), fullgraph=True)
+    torch.testing.assert_close(h(x), kde_log_density(x, Y, 0.3, backend=backend), rtol=0, atol=0)

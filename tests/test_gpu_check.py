@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # the whole dry run, ~40 s
 def test_gpu_check_dry_run_writes_csvs_and_summary(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)

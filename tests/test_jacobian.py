@@ -90,6 +90,7 @@ def test_dense_and_lanczos_paths_agree_and_survive_a_zero_jacobian(dense_max):
     assert np.all(zero["eigenvalues"] == 0) and zero["trace"] == 0
 
 
+@pytest.mark.slow  # CLI end to end, ~28 s
 def test_analyze_jacobian_cli(tmp_path):
     import json
 

@@ -1,4 +1,6 @@
-"""The native CPU kNN (backend="cpu", csrc/cpu/knn.cpp) against the torch reference and the float64 brute force.
+"""The native CPU kNN (backend="cpu", csrc/cpu/knn.cpp): mixed dtypes, non-contiguous inputs, thread counts, index
+offsets, dispatch, the fallback without the extension, the custom op and the raw function's argument checks. The
+cases every knn backend shares (shapes, k, ties, near ties, chunking) are in tests/ops/test_knn.py.
 
 Skips when the extension is not built (test_native.py's test_extension_built_when_required catches a broken build
 on CI). Results must equal the reference's exactly: the same indices, distances equal to float64 rounding.
@@ -46,63 +48,6 @@ def assert_same(got, ref):
     torch.testing.assert_close(got[0], ref[0].to(torch.float64), rtol=1e-13, atol=1e-300)
 
 
-def _cases():
-    shapes = [(1, 1, 1), (3, 3, 2), (97, 97, 3), (1025, 97, 1), (3, 1025, 17), (97, 1025, 64), (1, 97, 3072)]
-    shapes += [(3, 3, 3072), (97, 1025, 33), (1025, 1025, 2)]
-    for M, N, d in shapes:
-        for k in sorted({1, min(10, N), N} | ({1024} if N >= 1024 else set())):
-            yield M, N, d, k
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("M,N,d,k", list(_cases()))
-def test_matches_reference_and_bruteforce(dtype, M, N, d, k):
-    x, y = make_problem(M, N, d, dtype=dtype, seed=M + 7 * N + d)
-    got = knn_cpu(x, y, k)
-    assert_same(got, knn_torch(x, TrainingSet.coerce(y), k))
-    ref = knn_naive(x, y, k)
-    assert torch.equal(got[1], ref[1])  # random data: no exact ties, the order is unique
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-13, atol=1e-300)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("d", [1, 3, 17, 64])
-def test_exact_ties_smaller_index_first(dtype, d):
-    g = torch.Generator().manual_seed(d)
-    base = torch.randint(-2, 3, (40, d), generator=g).to(dtype)
-    y = torch.cat([base, base, base[:7], base])  # duplicates, and integer coordinates: many equal distances
-    x = torch.randint(-2, 3, (23, d), generator=g).to(dtype)
-    for k in (1, 10, 60, len(y)):
-        got = knn_cpu(x, y, k)
-        ref = knn_naive(x, y, k)  # stable sort of exact (integer) distances: ties by index
-        assert torch.equal(got[1], ref[1])
-        assert torch.equal(got[0], ref[0])
-        assert_same(got, knn_torch(x, TrainingSet.coerce(y), k))
-
-
-@pytest.mark.parametrize("d", [4, 40])
-def test_ties_beyond_the_slack_are_redone(d):
-    """150 points at the same distance, k = 40: the first candidate set cannot be certified."""
-    y = torch.zeros(300, d)
-    y[150:] = 1.0
-    x = torch.full((3, d), 0.1)
-    d2, idx = knn_cpu(x, y, 40)
-    assert idx.tolist() == [list(range(40))] * 3
-    d2, idx = knn_cpu(x, y, 1)
-    assert idx.tolist() == [[0]] * 3
-
-
-def test_near_ties_with_large_norms():
-    """Norm ~1e3, differences 1e-3: the fp32 norm expansion cannot order them; the float64 re-rank must."""
-    g = torch.Generator().manual_seed(1)
-    center = 30.0 + torch.rand(1, 1024, generator=g, dtype=torch.float64)
-    y = (center + 1e-3 * torch.randn(300, 1024, generator=g, dtype=torch.float64)).float()
-    x = (center + 1e-3 * torch.randn(6, 1024, generator=g, dtype=torch.float64)).float()
-    got = knn_cpu(x, y, 4)
-    assert_same(got, knn_torch(x, TrainingSet.coerce(y), 4))
-    assert_knn_matches(got[0], got[1], x, y, 4, rtol=1e-12)
-
-
 def test_mixed_dtypes_promote():
     x, y = make_problem(9, 200, 5, seed=3)
     got = knn_cpu(x, y.double(), 7)
@@ -129,14 +74,6 @@ def test_thread_counts_give_identical_results(restore_threads):
         _native.set_num_threads(2)
         two = _native.knn_topk(x, y, k)
         assert torch.equal(one[1], two[1]) and torch.equal(one[0], two[0])
-
-
-def test_chunked_streaming_identical():
-    x, y = make_problem(13, 211, 9, seed=4)
-    ref = knn_cpu(x, y, 7)
-    for chunk in (1, 5, 6, 50, 211):
-        got = knn_cpu(x, y, 7, chunk_size=chunk)
-        assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
 
 
 def test_index_offset_and_empty_queries():

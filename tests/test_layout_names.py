@@ -135,6 +135,7 @@ def _cli(args):
     return subprocess.run([sys.executable, "-m", "diffgen_fast", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # CLI end to end, ~11 s
 def test_cli_scores_adm_npz_of_copies_against_png_folder(tmp_path):
     """guided-diffusion / ADM samples: arr_0 uint8 [N, H, W, C]; the training set: a folder of PNGs ([C, H, W])."""
     rng = np.random.default_rng(5)
@@ -163,6 +164,7 @@ def test_cli_scores_adm_npz_of_copies_against_png_folder(tmp_path):
         assert "channels-last" in md and "sample_name" in md
 
 
+@pytest.mark.slow  # CLI end to end, ~5 s
 def test_cli_uint8_training_npz_and_png_samples(tmp_path):
     rng = np.random.default_rng(6)
     imgs = rng.integers(0, 256, size=(25, 5, 5, 3), dtype=np.uint8)

@@ -45,6 +45,7 @@ def _normalise(text: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # the CLI on image folders, ~10 s
 def test_readme_score_image_example_prints_what_the_readme_says(tmp_path):
     """The README's image-folder score example, run as written: the same lines (the same counts, names, values)."""
     import subprocess
