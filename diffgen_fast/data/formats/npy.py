@@ -29,22 +29,26 @@ if TYPE_CHECKING:
     from diffgen_fast.data.training_set import TrainingSet
 
 
+def _header(f) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """Shape, dtype and data offset of the .npy stream f (at its start); None for header versions >= 3."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = fmt.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = fmt.read_array_header_2_0(f)
+    else:
+        return None
+    return tuple(shape), dtype, f.tell()
+
+
 def _read_npy_header(p: Path, name: str) -> tuple[tuple[int, ...], np.dtype, int] | None:
     """Shape, dtype and data offset of an .npy file without reading its data; None for header versions >= 3."""
-    fmt = np.lib.format
     try:
         with open(p, "rb") as f:
-            version = fmt.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _, dtype = fmt.read_array_header_2_0(f)
-            else:
-                return None
-            offset = f.tell()
+            return _header(f)
     except Exception as e:
         raise DataFormatError(f"{name}: '{p}' is not a valid .npy file ({type(e).__name__}: {e})") from e
-    return tuple(shape), dtype, offset
 
 
 def _npz_member_check(z: Any, key: str, where: str, name: str, limit: int) -> None:
@@ -54,16 +58,11 @@ def _npz_member_check(z: Any, key: str, where: str, name: str, limit: int) -> No
     member = key if key in zf.namelist() else f"{key}.npy"
     info = zf.getinfo(member)
     _check_member_size(info.file_size, member, where, name, limit, info.compress_size)
-    fmt = np.lib.format
     with zf.open(member) as f:
-        version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = fmt.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = fmt.read_array_header_2_0(f)
-        else:
-            return
-        header = f.tell()
+        h = _header(f)
+    if h is None:
+        return
+    shape, dtype, header = h
     need = math.prod(shape) * dtype.itemsize
     _check_member_size(need, member, where, name, limit)
     if header + need > info.file_size:
