@@ -300,6 +300,62 @@ def denoise_epilogue(
     return mask.bool() if mask is not None else None
 
 
+def refine_candidates(
+    T: torch.Tensor,
+    x: torch.Tensor,
+    Y: torch.Tensor,
+    alpha: torch.Tensor,
+    xx: torch.Tensor,
+    lo: torch.Tensor,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM path's certified refinement, in place on the float32 scores T [M, n] (T_ij = (2 / a_i) x_i.y_j -
+    ||y_j||^2): in every row with at most `budget` candidates (entries >= lo[i]) the candidates get their float64
+    difference scores (||x_i||^2 - ||x_i - a_i y_j||^2) / a_i^2 and the row is re-based on their max. x [M, d] and
+    Y [n, d] float32; alpha, xx (= ||x||^2) float64 [M]; lo float32 [M]. Returns (shift float64 [M], 0 where a row
+    was not refined; count int64 [M], every row's candidate count: rows above budget are left untouched)."""
+    module = _require()
+    _check_tensor(T, "T", (torch.float32,), 2)
+    if T.stride(1) != 1:
+        raise InputError("T must have contiguous rows (stride 1 along dim 1)")
+    M, n = T.shape
+    x = _readable(_check_tensor(x, "x", (torch.float32,), 2))
+    Y = _readable(_check_tensor(Y, "Y", (torch.float32,), 2))
+    if x.shape[0] != M or Y.shape[0] != n or x.shape[1] != Y.shape[1]:
+        raise InputError(f"x [M, d] and Y [n, d] must match T {tuple(T.shape)}, got {tuple(x.shape)}, {tuple(Y.shape)}")
+    alpha, xx = _row_params(alpha, "alpha", M), _row_params(xx, "xx", M)
+    _check_tensor(lo, "lo", (torch.float32,), 1)
+    lo = lo.contiguous()
+    if lo.shape[0] != M:
+        raise InputError(f"lo must have {M} entries, got {lo.shape[0]}")
+    if int(budget) < 1:
+        raise InputError(f"budget must be >= 1, got {budget}")
+    shift = torch.zeros(M, dtype=torch.float64)
+    count = torch.zeros(M, dtype=torch.int64)
+    module.refine_candidates(T.data_ptr(), M, n, max(T.stride(0), n), x.data_ptr(), Y.data_ptr(), x.shape[1],
+                             alpha.data_ptr(), xx.data_ptr(), lo.data_ptr(), int(budget), shift.data_ptr(),
+                             count.data_ptr())  # fmt: skip
+    return shift, count
+
+
+def sparse_pv(W: torch.Tensor, Y: torch.Tensor, o: torch.Tensor, tail_w: float, max_nnz: int) -> int:
+    """o [M, d] (float64, in place) += W Y over the entries of each row of the float32 weights W [M, n] that are >=
+    tail_w x the row's largest (the rest weigh < n tail_w of it together). Returns the number of entries used, or -1
+    (o untouched) when that would exceed max_nnz: the caller then runs the dense product."""
+    module = _require()
+    _check_tensor(W, "W", (torch.float32,), 2)
+    if W.stride(1) != 1:
+        raise InputError("W must have contiguous rows (stride 1 along dim 1)")
+    M, n = W.shape
+    Y = _readable(_check_tensor(Y, "Y", (torch.float32,), 2))
+    _check_tensor(o, "o", (torch.float64,), 2)
+    if Y.shape[0] != n or tuple(o.shape) != (M, Y.shape[1]) or not o.is_contiguous():
+        raise InputError(f"Y [n, d] and o (contiguous [M, d]) must match W {tuple(W.shape)}, got {tuple(Y.shape)}, "
+                         f"{tuple(o.shape)}")  # fmt: skip
+    return int(module.sparse_pv(W.data_ptr(), M, n, max(W.stride(0), n), Y.data_ptr(), Y.shape[1], o.data_ptr(),
+                                float(tail_w), max(int(max_nnz), 0)))  # fmt: skip
+
+
 def simd_level() -> str:
     """The instruction set the multiversioned CPU kernels use here: avx512f, avx2+fma or baseline."""
     return _require().cpu_simd_level()

@@ -103,6 +103,47 @@ void row_sqnorms_py(const py::object& y, const py::object& n_, const py::object&
     }
 }
 
+void refine_candidates_py(const py::object& T, const py::object& M_, const py::object& n_, const py::object& ldT_,
+                          const py::object& x, const py::object& Y, const py::object& d_, const py::object& alpha,
+                          const py::object& xx, const py::object& lo, const py::object& budget_,
+                          const py::object& shift, const py::object& count) {
+    const std::int64_t M = as_size(M_, "M"), n = as_size(n_, "n"), ldT = as_size(ldT_, "ldT"), d = as_size(d_, "d");
+    const std::int64_t budget = as_size(budget_, "budget");
+    if (ldT < n) throw py::value_error("ldT must be >= n, got ldT=" + std::to_string(ldT) + ", n=" + std::to_string(n));
+    if (d < 1) throw py::value_error("d must be >= 1, got 0");
+    if (M == 0 || n == 0) return;
+    const auto pT = ptr(T, "T", 4, "a float32 [M, n] array with row stride ldT");
+    const auto px = ptr(x, "x", 4, "a contiguous float32 [M, d] array");
+    const auto pY = ptr(Y, "Y", 4, "a contiguous float32 [n, d] array");
+    const auto pa = ptr(alpha, "alpha", 8, "float64 [M]");
+    const auto pxx = ptr(xx, "xx", 8, "float64 [M]");
+    const auto plo = ptr(lo, "lo", 4, "float32 [M]");
+    const auto ps = ptr(shift, "shift", 8, "float64 [M]");
+    const auto pc = ptr(count, "count", 8, "int64 [M]");
+    py::gil_scoped_release release;
+    cpu::refine_candidates(reinterpret_cast<float*>(pT), M, n, ldT, reinterpret_cast<const float*>(px),
+                           reinterpret_cast<const float*>(pY), d, reinterpret_cast<const double*>(pa),
+                           reinterpret_cast<const double*>(pxx), reinterpret_cast<const float*>(plo), budget,
+                           reinterpret_cast<double*>(ps), reinterpret_cast<std::int64_t*>(pc));
+}
+
+std::int64_t sparse_pv_py(const py::object& W, const py::object& M_, const py::object& n_, const py::object& ldW_,
+                          const py::object& Y, const py::object& d_, const py::object& o, double tail_w,
+                          const py::object& max_nnz_) {
+    const std::int64_t M = as_size(M_, "M"), n = as_size(n_, "n"), ldW = as_size(ldW_, "ldW"), d = as_size(d_, "d");
+    const std::int64_t max_nnz = as_size(max_nnz_, "max_nnz");
+    if (ldW < n) throw py::value_error("ldW must be >= n, got ldW=" + std::to_string(ldW) + ", n=" + std::to_string(n));
+    if (d < 1) throw py::value_error("d must be >= 1, got 0");
+    if (!(tail_w >= 0.0 && tail_w < 1.0)) throw py::value_error("tail_w must be in [0, 1)");
+    if (M == 0 || n == 0) return 0;
+    const auto pW = ptr(W, "W", 4, "a float32 [M, n] array with row stride ldW");
+    const auto pY = ptr(Y, "Y", 4, "a contiguous float32 [n, d] array");
+    const auto po = ptr(o, "o", 8, "a contiguous float64 [M, d] array");
+    py::gil_scoped_release release;
+    return cpu::sparse_pv(reinterpret_cast<const float*>(pW), M, n, ldW, reinterpret_cast<const float*>(pY), d,
+                          reinterpret_cast<double*>(po), tail_w, max_nnz);
+}
+
 }  // namespace
 
 void register_cpu_kernels(py::module_& mod) {
@@ -127,6 +168,17 @@ void register_cpu_kernels(py::module_& mod) {
             "Epilogue of the GEMM path: S [M, n] (row stride ldS) holds T = (2/alpha) x.y - ||y||^2; logits are\n"
             "a2c T + off. Overwrites S with the weights e^(z - m), updates m, l, q, rescales o (float64 [M, d] or 0)\n"
             "and flags in nonzero_cols (uint8 [n] or 0) the columns with a nonzero weight. Releases the GIL.");
+    mod.def("refine_candidates", &refine_candidates_py, py::arg("T"), py::arg("M"), py::arg("n"), py::arg("ldT"),
+            py::arg("x"), py::arg("Y"), py::arg("d"), py::arg("alpha"), py::arg("xx"), py::arg("lo"),
+            py::arg("budget"), py::arg("shift"), py::arg("count"),
+            "The GEMM path's certified refinement, in place: rows of T (float32 [M, n], row stride ldT) with at\n"
+            "most budget entries >= lo[i] get those candidates' float64 difference scores and are re-based on\n"
+            "their max (shift float64 [M]); count (int64 [M]) gets every row's candidate count (rows above budget\n"
+            "are left untouched). Releases the GIL.");
+    mod.def("sparse_pv", &sparse_pv_py, py::arg("W"), py::arg("M"), py::arg("n"), py::arg("ldW"), py::arg("Y"),
+            py::arg("d"), py::arg("o"), py::arg("tail_w"), py::arg("max_nnz"),
+            "o[i] += sum_j W_ij y_j (float64) over the entries >= tail_w * the row max; returns how many entries\n"
+            "that used, or -1 (o untouched) when more than max_nnz. Releases the GIL.");
     mod.def("cpu_simd_level", &cpu::simd_level,
             "The instruction set the multiversioned CPU kernels use on this CPU: avx512f, avx2+fma or baseline.");
 }

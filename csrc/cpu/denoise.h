@@ -45,5 +45,23 @@ template <typename T>
 void denoise_epilogue(T* S, std::int64_t M, std::int64_t n, std::int64_t ldS, const double* a2c, const double* off,
                       double* m, double* l, double* q, double* o, std::int64_t d, std::uint8_t* nonzero_cols);
 
+// The certified refinement of the GEMM path (csrc/cpu/gemm_path.cpp). T [M, n] (row stride ldT) holds the fp32
+// scores T_ij = (2 / alpha_i) x_i.y_j - ||y_j||^2; row i's candidates are the entries T_ij >= lo[i]. A row with at
+// most `budget` candidates is refined in place: each candidate's exact score t_j = (||x_i||^2 - ||x_i - alpha_i
+// y_j||^2) / alpha_i^2 (float64 differences), then the row is re-based on their max (shift[i]): every entry becomes
+// T_ij - shift (in fp32), the candidates t_j - shift. Rows with more candidates (or none) are left untouched with
+// shift[i] = 0. count[i]: row i's candidate count. x: [M, d], Y: [n, d], float32, contiguous; alpha, xx
+// (= ||x_i||^2): float64 [M]; lo: float32 [M].
+void refine_candidates(float* T, std::int64_t M, std::int64_t n, std::int64_t ldT, const float* x, const float* Y,
+                       std::int64_t d, const double* alpha, const double* xx, const float* lo, std::int64_t budget,
+                       double* shift, std::int64_t* count);
+
+// The sparse output product of the GEMM path: W [M, n] (row stride ldW) holds the epilogue's weights; for every
+// row, o[i, :] += sum_j W_ij y_j (float64) over the entries W_ij >= tail_w * max_j W_ij (the rest together weigh
+// < n tail_w of the row's largest). Returns the number of entries used, or -1 (o untouched) when it would exceed
+// max_nnz. Y: [n, d] float32, o: float64 [M, d], contiguous.
+std::int64_t sparse_pv(const float* W, std::int64_t M, std::int64_t n, std::int64_t ldW, const float* Y,
+                       std::int64_t d, double* o, double tail_w, std::int64_t max_nnz);
+
 }  // namespace cpu
 }  // namespace diffgen_fast

@@ -32,6 +32,7 @@ from diffgen_fast.ops.merge import SoftmaxState
 
 TAIL_NATS = 50.0  # a point outside the candidate window carries < e^-50 of the top weight
 N_REFINE = 256  # most candidates per row and chunk recomputed as float64 differences
+N_REFINE_NATIVE = 1024  # the same for the native CPU kernel (csrc/cpu/gemm_path.cpp), which handles ragged rows
 REFINE_TOL = 1e-7  # certified logit error of a fast tile below which its scores are kept (fp32 results)
 REFINE_TOL_F64 = 2.0**-40  # the same for a float64 tile (float64 results)
 _PAIR_ELEMS = 1 << 24  # elements of one [rows, candidates, d] block of the difference recompute
@@ -188,6 +189,7 @@ def candidate_state(
 __all__ = [
     "TAIL_NATS",
     "N_REFINE",
+    "N_REFINE_NATIVE",
     "REFINE_TOL",
     "REFINE_TOL_F64",
     "exact_sqdist_pairs",

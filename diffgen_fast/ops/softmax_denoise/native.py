@@ -31,7 +31,7 @@ from diffgen_fast.errors import BackendUnavailableError
 from diffgen_fast.ops import refine
 from diffgen_fast.ops._profile import pass_range
 from diffgen_fast.ops.merge import SoftmaxState, empty_softmax_state
-from diffgen_fast.ops.refine import N_REFINE, REFINE_TOL, TAIL_NATS
+from diffgen_fast.ops.refine import N_REFINE, N_REFINE_NATIVE, REFINE_TOL, TAIL_NATS
 from diffgen_fast.ops.softmax_denoise.reference import (
     DenoiseResult,
     _merge_rows,
@@ -44,6 +44,9 @@ DIRECT_MAX_D = 64  # largest d of the direct kernel (benchmarks/bench_cpu.py: th
 SPARSE_FRACTION = 0.5  # O += W Y over the nonzero columns only when fewer than this fraction carry weight
 _U32 = 2.0**-24
 _BUF_ELEMS = 1 << 24  # elements of one [M, n] score block of the GEMM path (64 MiB in fp32)
+_Y64_ROWS = 2048  # chunk rows converted to float64 at a time for the float64 GEMM scores
+_SAMPLE = 512  # chunk points sampled to predict rows with too many candidates to refine
+_SPARSE_PV_DIV = 32  # the sparse output product runs when at most 1 / _SPARSE_PV_DIV of the weights are kept
 
 
 def probe(device: Optional[torch.device]) -> Optional[str]:
@@ -155,100 +158,110 @@ def _gemm_chunk_rows(x, Y, sigma, alpha, c, exact, state: SoftmaxState, yy=None)
     yy64 = yy.to(torch.float64) if yy is not None and yy.shape[0] == Y.shape[0] else _sqnorms64(Y)
     risky = overflow_rows(xnorm, alpha, float(yy64.max().sqrt()), c, torch.float32)
     _on_rows(state, risky, x, Y, alpha, c, lambda st, r: _gemm_chunk(
-        Y, yy64, x64[r], xx[r], xnorm[r], xs[r], alpha[r], sigma[r], c[r], a2c[r], exact, st, d))  # fmt: skip
+        Y, yy64, x[r], x64[r], xx[r], xnorm[r], xs[r], alpha[r], sigma[r], c[r], a2c[r], exact, st, d))  # fmt: skip
 
 
-class _Y64:
-    """The chunk in float64, converted once and only when some row needs a float64 GEMM."""
-
-    def __init__(self, Y: torch.Tensor):
-        self.Y, self._t = Y, None
-
-    def get(self) -> torch.Tensor:
-        if self._t is None:
-            self._t = self.Y.to(torch.float64)
-        return self._t
-
-
-def _scores64(x64, a, yy64, Y64: torch.Tensor):
-    """(T64 - shift, shift): float64 scores T = (2/a) x.y - ||y||^2 re-based on each row's max."""
-    T64 = torch.addmm(yy64.neg()[None, :], x64 * (2.0 / a)[:, None], Y64.T)
+def _scores64(x64, a, yy64, Y: torch.Tensor):
+    """(T64 - shift, shift): float64 scores T = (2/a) x.y - ||y||^2 re-based on each row's max. The chunk is
+    converted to float64 a block of _Y64_ROWS rows at a time into one reused buffer (a whole float64 copy of a large
+    chunk costs more in page faults than the conversion itself)."""
+    n, d = Y.shape
+    xs64 = x64 * (2.0 / a)[:, None]
+    T64 = torch.empty(x64.shape[0], n, dtype=torch.float64)
+    rows = min(n, _Y64_ROWS)
+    buf = torch.empty(rows, d, dtype=torch.float64)
+    blk = torch.empty(x64.shape[0], rows, dtype=torch.float64)
+    nyy = yy64.neg()
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        b = buf[: e - s]
+        b.copy_(Y[s:e])
+        if e - s == rows:
+            torch.addmm(nyy[None, s:e], xs64, b.T, out=blk)
+            T64[:, s:e] = blk
+        else:
+            T64[:, s:e] = torch.addmm(nyy[None, s:e], xs64, b.T)
     shift = T64.max(dim=1).values
     return T64.sub_(shift[:, None]), shift
 
 
-def _exact_rows(x64, Y, yy64, xx, xnorm, xs, alpha, sigma, d):
+def _predict_many(xs, Y, yy32, win, rows) -> torch.Tensor:
+    """bool [len(rows)]: rows whose candidates, estimated on an evenly spaced sample of _SAMPLE points of the
+    chunk, would exceed N_REFINE_NATIVE (those get float64 GEMM scores without the fp32 GEMM first). Only a cost
+    estimate: a row predicted wrongly is still certified (it is counted exactly after the fp32 GEMM)."""
+    n = Y.shape[0]
+    step = n // _SAMPLE
+    Ts = torch.addmm(yy32[None, ::step].neg(), xs[rows], Y[::step].T)
+    lo = Ts.max(dim=1).values - win[rows].to(torch.float32)
+    est = (Ts >= lo[:, None]).sum(dim=1).to(torch.float64) * (n / Ts.shape[1])
+    return est > 4 * N_REFINE_NATIVE
+
+
+def _exact_rows(x, x64, Y, yy64, xx, xnorm, xs, alpha, sigma, d):
     """The "exact" / "auto" scores of the GEMM path: (T fp32, shift float64 [M]) with fp32-accurate weights.
 
     Certified per row: err_t (t_error) is the fp32 score bound; where its logit error is below REFINE_TOL the fp32
     scores are kept. Otherwise the candidates within the window of refine.tail_nats (the narrowest tail whose
     excluded points change the row's sums by < REFINE_TOL of the top weight) are recomputed as float64 differences
-    and the row re-based on them (refine.rebase); rows with more than N_REFINE candidates, and rows whose window
-    covers every point of the chunk whatever the data (then the fp32 GEMM is skipped), get float64 GEMM scores."""
+    and the row re-based on them, natively (_native.refine_candidates, up to N_REFINE_NATIVE candidates per row);
+    rows with more candidates get float64 GEMM scores, those rows only. Rows whose window covers every point of
+    the chunk whatever the data, or whose candidates a sample of the chunk predicts to be too many, skip the fp32
+    GEMM."""
     M, n = x64.shape[0], Y.shape[0]
     err_t = t_error(d, xnorm, alpha, yy64)
     shift = torch.zeros(M, dtype=torch.float64)
     delta = err_t * alpha * alpha * c_of(sigma)
+    yy32 = yy64.to(torch.float32)
     if not bool((delta > REFINE_TOL).any()):
-        return torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T), shift
+        return torch.addmm(yy32.neg()[None, :], xs, Y.T), shift
+    ref = delta > REFINE_TOL
     tail = refine.tail_nats(n, alpha, sigma, err_t)
+    win = refine.window(sigma, alpha, err_t, tail)
     ymax = float(yy64.max().sqrt())
     # every point is a candidate when the window is wider than any row's score range |T_i - T_j|
-    wide = (refine.window(sigma, alpha, err_t, tail) >= 4.0 * xnorm * ymax / alpha + ymax * ymax) & (delta > REFINE_TOL)
-    y64 = _Y64(Y)
-    T = None if not bool(wide.any()) else torch.empty(M, n, dtype=torch.float32)
+    wide = (win >= 4.0 * xnorm * ymax / alpha + ymax * ymax) & ref
+    if n >= 4 * _SAMPLE:
+        guess = (ref & ~wide).nonzero().squeeze(1)
+        if guess.numel():
+            wide[guess] = _predict_many(xs, Y, yy32, win, guess)
+    T = torch.empty(M, n, dtype=torch.float32)
     narrow = (~wide).nonzero().squeeze(1)
+    many = wide.nonzero().squeeze(1)
     if narrow.numel():
+        all_narrow = narrow.numel() == M
         with pass_range("cpu.pass1_scores"):
-            Tn = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs[narrow], Y.T)
-        dn, en, an, sn = delta[narrow], err_t[narrow], alpha[narrow], sigma[narrow]
-        ref = (dn > REFINE_TOL).nonzero().squeeze(1)
-        if ref.numel():
-            all_ref = ref.numel() == Tn.shape[0]
-            Tr = Tn if all_ref else Tn[ref]
-            cnt = _n_candidates(Tr, sn[ref], an[ref], en[ref], tail[narrow][ref])
-            few = (cnt <= N_REFINE).nonzero().squeeze(1)
-            many = (cnt > N_REFINE).nonzero().squeeze(1)
-            rows = narrow[ref]
-            if few.numel():
-                all_few = few.numel() == Tr.shape[0]
-                Tf = Tr if all_few else Tr[few]
-                rf = rows[few]
-                sh = refine.rebase(Tf, x64[rf], Y, alpha[rf], xx[rf], sigma[rf], err_t[rf], tail=tail[rf])
-                if sh is not None:
-                    shift[rf] = sh
-                if not all_few:
-                    Tr[few] = Tf
-            if many.numel():
-                rm = rows[many]
-                T64, sh = _scores64(x64[rm], alpha[rm], yy64, y64.get())
-                Tr[many] = T64.to(torch.float32)
-                shift[rm] = sh
-            if not all_ref:
-                Tn[ref] = Tr
-        if T is None:
-            T = Tn
-        else:
+            if all_narrow:
+                Tn = torch.addmm(yy32.neg()[None, :], xs, Y.T, out=T)
+            else:
+                Tn = torch.addmm(yy32.neg()[None, :], xs[narrow], Y.T)
+        rn = ref[narrow]
+        if bool(rn.any()):
+            lo = Tn.max(dim=1).values - win[narrow].to(torch.float32)
+            lo = torch.where(rn, lo, torch.full_like(lo, float("inf")))  # rows within REFINE_TOL: no candidates
+            with pass_range("cpu.refine"):
+                sh, cnt = _native.refine_candidates(Tn, x[narrow], Y, alpha[narrow], xx[narrow], lo,
+                                                    N_REFINE_NATIVE)  # fmt: skip
+            shift[narrow] = sh
+            over = cnt > N_REFINE_NATIVE
+            if bool(over.any()):
+                many = torch.cat([many, narrow[over]])
+        if not all_narrow:
             T[narrow] = Tn
-    rw = wide.nonzero().squeeze(1)
-    if rw.numel():
-        T64, sh = _scores64(x64[rw], alpha[rw], yy64, y64.get())
-        T[rw] = T64.to(torch.float32)
-        shift[rw] = sh
+    if many.numel():
+        with pass_range("cpu.scores64"):
+            T64, sh = _scores64(x64[many], alpha[many], yy64, Y)
+        if many.numel() == M:
+            T.copy_(T64)
+        else:
+            T[many] = T64.to(torch.float32)
+        shift[many] = sh
     return T, shift
 
 
-def _n_candidates(T, sigma, a, err_t, tail) -> torch.Tensor:
-    if T.numel() == 0:
-        return torch.zeros(T.shape[0], dtype=torch.int64)
-    lo = (T.max(dim=1).values - refine.window(sigma, a, err_t, tail).to(T.dtype))[:, None]
-    return (T >= lo).sum(dim=1)
-
-
-def _gemm_chunk(Y, yy64, x64, xx, xnorm, xs, alpha, sigma, c, a2c, exact, state: SoftmaxState, d) -> None:
+def _gemm_chunk(Y, yy64, x, x64, xx, xnorm, xs, alpha, sigma, c, a2c, exact, state: SoftmaxState, d) -> None:
     if exact:
         with pass_range("cpu.exact_rerank"):
-            T, shift = _exact_rows(x64, Y, yy64, xx, xnorm, xs, alpha, sigma, d)
+            T, shift = _exact_rows(x, x64, Y, yy64, xx, xnorm, xs, alpha, sigma, d)
     else:
         with pass_range("cpu.pass1_scores"):
             T = torch.addmm(yy64.to(torch.float32).neg()[None, :], xs, Y.T)  # (2/a) x.y - ||y||^2
@@ -258,10 +271,13 @@ def _gemm_chunk(Y, yy64, x64, xx, xnorm, xs, alpha, sigma, c, a2c, exact, state:
         mask = _native.denoise_epilogue(T, a2c, off, state, flags=state.o is not None)
     if state.o is None:
         return
-    cols = mask.nonzero().squeeze(1)
-    if cols.numel() == 0:
-        return
     with pass_range("cpu.pass2_output"):
+        # few entries carry weight (small and moderate sigma): o += W Y over those entries, point by point
+        if _native.sparse_pv(T, Y, state.o, _TAIL_W, T.numel() // _SPARSE_PV_DIV) >= 0:
+            return
+        cols = mask.nonzero().squeeze(1)
+        if cols.numel() == 0:
+            return
         if cols.numel() >= SPARSE_FRACTION * Y.shape[0]:
             # weights below e^-TAIL_NATS of their row's largest leave o: together they are < n e^-TAIL_NATS of it
             # (relative 1e-17 for n = 1e5), while the product then often runs over a few columns only
