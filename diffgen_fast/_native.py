@@ -273,6 +273,12 @@ def row_sqnorms(y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def knn_kernel() -> str:
+    """The first pass of knn_topk for float32 data with d > 32 here: "bf16 screen (avx512bf16)" (bf16 dot products
+    under a certified bound, then the float64 re-rank) or "fp32 panels"."""
+    return _require().cpu_knn_kernel()
+
+
 def direct_kernel() -> str:
     """The direct kernel float32 data runs with here: "avx512 intrinsics" or the multiversioned clone's ISA."""
     return _require().cpu_direct_kernel()

@@ -534,7 +534,13 @@ def kernel_variant(op: str, backend: str, precision: str, d: int) -> str:
         except Exception:
             simd = "?"
         if op == "knn":
-            return f"native knn panels ({'direct' if d <= 32 else 'norm expansion'}) {simd}"
+            if d <= 32:
+                return f"native knn panels (direct) {simd}"
+            try:
+                first = _native.knn_kernel()
+            except Exception:
+                first = "fp32 panels"
+            return f"native knn {first} (norm expansion) {simd}"
         try:
             from diffgen_fast.ops.softmax_denoise.native import DIRECT_MAX_D
         except Exception:

@@ -410,6 +410,10 @@ def info(no_check: bool) -> None:
                     click.echo(f"    direct kernel (d <= 64, float32): {_native.direct_kernel()}")
                 except Exception as e:
                     click.echo(f"    direct kernel (d <= 64, float32): unknown ({_first_line(e)})")
+                try:
+                    click.echo(f"    knn first pass (d > 32, float32): {_native.knn_kernel()}")
+                except Exception as e:
+                    click.echo(f"    knn first pass (d > 32, float32): unknown ({_first_line(e)})")
             else:
                 click.echo(f"    {bi}")
         else:

@@ -90,6 +90,9 @@ void register_cpu_knn(py::module_& mod) {
             "out_index [M, k] int64 (row of y plus index_offset); equal distances are ordered by index. Candidates\n"
             "from an approximate pass are re-ranked in float64 and certified, so the result is exact and the same\n"
             "for any thread count. Releases the GIL.");
+    mod.def("cpu_knn_kernel", &cpu::knn_kernel_name,
+            "The first pass of knn_topk for float32 data with d > 32 on this CPU: 'bf16 screen (avx512bf16)' or\n"
+            "'fp32 panels'.");
 }
 
 }  // namespace diffgen_fast

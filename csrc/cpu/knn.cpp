@@ -8,11 +8,16 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "parallel.h"
 #include "simd.h"
+
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 // 64-byte vector values passed between always-inline helpers: no call ABI is involved.
@@ -210,6 +215,11 @@ struct Plan {
     const T* ypack;
     const T* bias;
     i64 npan;
+    // bf16 screening (pass 1 on bf16-rounded data by AVX512-BF16 dot products; see panel_tile_bf16): the points
+    // packed as bf16 pairs ypack16 [npan][d2][kPanel] (uint32: coordinates 2p, 2p + 1), d2 = ceil(d / 2)
+    bool bf16;
+    const std::uint32_t* ypack16;
+    i64 d2;
     double ymax2;       // max ||y||^2
     const T* xx_t;      // [M] ||x||^2 rounded to T (norm expansion)
     const double* xx;   // [M] ||x||^2
@@ -274,6 +284,63 @@ DIFFGEN_FAST_INLINE void panel_tile(const T* DIFFGEN_FAST_RESTRICT xp, const T* 
     }
 }
 
+// bf16 rounding (to nearest even) of a finite float, and a pair of them packed as AVX512-BF16 reads it.
+inline std::uint32_t bf16_bits(float f) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return u >> 16;
+}
+
+inline std::uint32_t bf16_pair(const float* v, i64 p, i64 d) {
+    const std::uint32_t lo = bf16_bits(v[2 * p]);
+    const std::uint32_t hi = 2 * p + 1 < d ? bf16_bits(v[2 * p + 1]) : 0u;
+    return lo | (hi << 16);
+}
+
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+// GCC 12's intrinsics headers trip -Wmaybe-uninitialized on _mm512_setzero / undefined (a known false positive)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define DIFFGEN_FAST_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+
+// The register block of the bf16 screen: MR queries (packed bf16 pairs [d2][MR]) against one panel of kPanel
+// points, x.y accumulated by vdpbf16ps (exact bf16 products, fp32 sums), then ||x||^2 + ||y||^2 - 2 x.y in fp32 as
+// panel_tile does. Twice the multiply-adds of an fp32 FMA per instruction; its error bound is lower_bound_of's.
+template <int MR>
+DIFFGEN_FAST_BF16 void panel_tile_bf16(const std::uint32_t* DIFFGEN_FAST_RESTRICT xp,
+                                                           const std::uint32_t* DIFFGEN_FAST_RESTRICT yp,
+                                                           const float* DIFFGEN_FAST_RESTRICT bias,
+                                                           const float* DIFFGEN_FAST_RESTRICT xxp, i64 d2,
+                                                           float* DIFFGEN_FAST_RESTRICT out,
+                                                           float* DIFFGEN_FAST_RESTRICT rowmin) {
+    __m512 acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) {
+        acc0[r] = _mm512_setzero_ps();
+        acc1[r] = _mm512_setzero_ps();
+    }
+    for (i64 p = 0; p < d2; ++p) {
+        const __m512bh y0 = (__m512bh)_mm512_loadu_si512(yp + p * 32);
+        const __m512bh y1 = (__m512bh)_mm512_loadu_si512(yp + p * 32 + 16);
+        for (int r = 0; r < MR; ++r) {
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[p * MR + r]));
+            acc0[r] = _mm512_dpbf16_ps(acc0[r], xv, y0);
+            acc1[r] = _mm512_dpbf16_ps(acc1[r], xv, y1);
+        }
+    }
+    const __m512 b0 = _mm512_loadu_ps(bias);
+    const __m512 b1 = _mm512_loadu_ps(bias + 16);
+    for (int r = 0; r < MR; ++r) {
+        const __m512 xx = _mm512_set1_ps(xxp[r]);
+        const __m512 d0 = _mm512_sub_ps(_mm512_add_ps(xx, b0), _mm512_add_ps(acc0[r], acc0[r]));
+        const __m512 d1 = _mm512_sub_ps(_mm512_add_ps(xx, b1), _mm512_add_ps(acc1[r], acc1[r]));
+        _mm512_storeu_ps(out + r * 32, d0);
+        _mm512_storeu_ps(out + r * 32 + 16, d1);
+        rowmin[r] = _mm512_reduce_min_ps(_mm512_min_ps(d0, d1));
+    }
+}
+#endif
+
 // Bounded max-heap of (approximate distance, index). Offers v (< the threshold); returns the new threshold: the
 // root once the heap holds kk entries, +inf before.
 template <typename T>
@@ -307,8 +374,8 @@ DIFFGEN_FAST_INLINE T heap_offer(T* hd, i64* hi, i64& count, i64 kk, T v, i64 id
     return hd[0];
 }
 
-// Pass 1 for one task: the queries of block b against the panels of split s.
-template <typename T, int MR, bool DIFF>
+// Pass 1 for one task: the queries of block b against the panels of split s (BF16: the bf16 screen).
+template <typename T, int MR, bool DIFF, bool BF16 = false>
 DIFFGEN_FAST_INLINE void run_task_impl(const Plan<T>& pl, i64 task) {
     constexpr int P = kPanel<T>;
     const i64 nblocks = (pl.mg + pl.qb - 1) / pl.qb;
@@ -323,15 +390,22 @@ DIFFGEN_FAST_INLINE void run_task_impl(const Plan<T>& pl, i64 task) {
     const i64 nmb = (nq + MR - 1) / MR;
 
     // The block's queries packed [micro-block][d][MR]; the tail is padded with copies of the last query.
-    std::vector<T> xpack(static_cast<std::size_t>(nmb * d * MR));
+    const i64 d2 = pl.d2;
+    std::vector<T> xpack(BF16 ? 0 : static_cast<std::size_t>(nmb * d * MR));
+    std::vector<std::uint32_t> xpack16(BF16 ? static_cast<std::size_t>(nmb * d2 * MR) : 0);
     std::vector<T> xxpack(static_cast<std::size_t>(nmb * MR));
     for (i64 mb = 0; mb < nmb; ++mb) {
         for (int r = 0; r < MR; ++r) {
             const i64 qi = std::min(nq - 1, mb * MR + r);
             const i64 q = pl.q0 + qa + qi;
             const T* xr = pl.x + q * d;
-            T* dst = xpack.data() + mb * d * MR + r;
-            for (i64 p = 0; p < d; ++p) dst[p * MR] = xr[p];
+            if constexpr (BF16) {
+                std::uint32_t* dst = xpack16.data() + mb * d2 * MR + r;
+                for (i64 p = 0; p < d2; ++p) dst[p * MR] = bf16_pair(xr, p, d);
+            } else {
+                T* dst = xpack.data() + mb * d * MR + r;
+                for (i64 p = 0; p < d; ++p) dst[p * MR] = xr[p];
+            }
             xxpack[mb * MR + r] = DIFF ? T(0) : pl.xx_t[q];
         }
     }
@@ -354,10 +428,18 @@ DIFFGEN_FAST_INLINE void run_task_impl(const Plan<T>& pl, i64 task) {
                 hn[r] = pl.cand_n + slot;
                 thr[r] = *hn[r] == kk ? hd[r][0] : std::numeric_limits<T>::infinity();
             }
-            const T* xp = xpack.data() + mb * d * MR;
             const T* xxp = xxpack.data() + mb * MR;
             for (i64 pan = t0; pan < t1; ++pan) {
-                panel_tile<T, MR, DIFF>(xp, pl.ypack + pan * d * P, pl.bias + pan * P, xxp, d, out, rowmin);
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+                if constexpr (BF16) {
+                    panel_tile_bf16<MR>(xpack16.data() + mb * d2 * MR, pl.ypack16 + pan * d2 * P, pl.bias + pan * P,
+                                        xxp, d2, out, rowmin);
+                } else
+#endif
+                {
+                    panel_tile<T, MR, DIFF>(xpack.data() + mb * d * MR, pl.ypack + pan * d * P, pl.bias + pan * P,
+                                            xxp, d, out, rowmin);
+                }
                 for (int r = 0; r < rows; ++r) {
                     if (!(rowmin[r] < thr[r])) continue;
                     const T* o = out + r * P;
@@ -400,6 +482,19 @@ DIFFGEN_FAST_INLINE double lower_bound_of(const Plan<T>& pl, i64 q, double t) {
     if (pl.diff) {
         // Direct differences in T: |approx - true| <= gamma_{d+2} true.
         lb = t / (1.0 + gamma_of(d + 2.0, unit_roundoff<T>()));
+    } else if (pl.bf16) {
+        // The bf16 screen: each coordinate rounded to bf16 (relative 2^-8), so each product is off by at most
+        // (2^-7 + 2^-16) |x_k y_k|, and the exact bf16 products are summed in fp32 (gamma_d of their magnitudes):
+        // |acc - x.y| <= e_dot = (2^-7 + 2^-16 + gamma_d (1 + 2^-8)^2) ||x|| max||y||. The distance doubles it and
+        // adds the fp32 roundings of both norms and the two additions (gamma_4 of the magnitudes). vdpbf16ps
+        // flushes subnormal inputs and results to zero: at most 2^-126 (1 + |x_k| + |y_k|) per multiply-add,
+        // covered by the absolute term d 2^-120 (1 + ||x|| + max||y||).
+        const double xx = pl.xx[q];
+        const double xy = std::sqrt(xx * pl.ymax2);
+        const double e_dot = (0x1p-7 + 0x1p-16 + gamma_of(d, 0x1p-24) * (1.0 + 0x1p-7)) * xy;
+        const double e = 2.0 * e_dot + gamma_of(4.0, 0x1p-24) * (xx + pl.ymax2 + 2.0 * xy) +
+                         d * 0x1p-120 * (1.0 + std::sqrt(xx) + std::sqrt(pl.ymax2));
+        lb = t - 1.01 * e;
     } else {
         // Norm expansion: |approx - true| <= gamma_{d+6} (||x||^2 + ||y||^2 + 2 ||x|| ||y||), with the roundings
         // of both norms to T and the two additions included in the d + 6.
@@ -457,7 +552,7 @@ DIFFGEN_FAST_INLINE void brute_force_query(const Plan<T>& pl, i64 q, std::vector
 }
 
 // A query that could not be certified: all its approximate distances, then the kc smallest re-ranked, doubling kc.
-template <typename T, bool DIFF>
+template <typename T, bool DIFF, bool BF16 = false>
 DIFFGEN_FAST_INLINE void redo_query(const Plan<T>& pl, i64 q, i64 kc, std::vector<Cand>& c) {
     constexpr int P = kPanel<T>;
     const i64 d = pl.d;
@@ -465,9 +560,21 @@ DIFFGEN_FAST_INLINE void redo_query(const Plan<T>& pl, i64 q, i64 kc, std::vecto
     std::vector<T> approx(static_cast<std::size_t>(pl.npan * P));
     alignas(64) T rowmin[1];
     const T xxq = DIFF ? T(0) : pl.xx_t[q];
-    for (i64 pan = 0; pan < pl.npan; ++pan) {
-        panel_tile<T, 1, DIFF>(xq, pl.ypack + pan * d * P, pl.bias + pan * P, &xxq, d, approx.data() + pan * P,
-                               rowmin);
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+    if constexpr (BF16) {
+        std::vector<std::uint32_t> x16(static_cast<std::size_t>(pl.d2));
+        for (i64 p = 0; p < pl.d2; ++p) x16[p] = bf16_pair(xq, p, d);
+        for (i64 pan = 0; pan < pl.npan; ++pan) {
+            panel_tile_bf16<1>(x16.data(), pl.ypack16 + pan * pl.d2 * P, pl.bias + pan * P, &xxq, pl.d2,
+                               approx.data() + pan * P, rowmin);
+        }
+    } else
+#endif
+    {
+        for (i64 pan = 0; pan < pl.npan; ++pan) {
+            panel_tile<T, 1, DIFF>(xq, pl.ypack + pan * d * P, pl.bias + pan * P, &xxq, d, approx.data() + pan * P,
+                                   rowmin);
+        }
     }
     std::vector<i64> order(static_cast<std::size_t>(pl.n));
     for (;;) {
@@ -497,7 +604,7 @@ DIFFGEN_FAST_INLINE void redo_query(const Plan<T>& pl, i64 q, i64 kc, std::vecto
 }
 
 // Pass 2 for one query: the union of its candidates over the splits, re-ranked in float64, certified, written.
-template <typename T, bool DIFF>
+template <typename T, bool DIFF, bool BF16 = false>
 DIFFGEN_FAST_INLINE void finish_query_impl(const Plan<T>& pl, i64 q) {
     const i64 d = pl.d;
     const i64 kk = pl.kk;
@@ -526,7 +633,7 @@ DIFFGEN_FAST_INLINE void finish_query_impl(const Plan<T>& pl, i64 q) {
         if (cnt == kk) t = std::min(t, static_cast<double>(hd[0]));
         for (i64 j = 0; j < cnt; ++j) c.push_back({exact_sqdist(xq, pl.y + hi[j] * d, d), hi[j]});
     }
-    if (!select_and_certify(pl, q, c, t)) redo_query<T, DIFF>(pl, q, 2 * kk, c);
+    if (!select_and_certify(pl, q, c, t)) redo_query<T, DIFF, BF16>(pl, q, 2 * kk, c);
     if (static_cast<i64>(c.size()) < pl.k) brute_force_query(pl, q, c);  // never read past a short list
     for (i64 j = 0; j < pl.k; ++j) {
         od[j] = c[static_cast<std::size_t>(j)].dist;
@@ -554,10 +661,10 @@ DIFFGEN_FAST_INLINE void run_task_dispatch(const Plan<T>& pl, i64 task) {
     }
 }
 
-DIFFGEN_FAST_MULTIVERSION void run_task(const Plan<float>& pl, i64 task) { run_task_dispatch<float>(pl, task); }
+DIFFGEN_FAST_MULTIVERSION void run_task_generic(const Plan<float>& pl, i64 task) { run_task_dispatch<float>(pl, task); }
 DIFFGEN_FAST_MULTIVERSION void run_task(const Plan<double>& pl, i64 task) { run_task_dispatch<double>(pl, task); }
 
-DIFFGEN_FAST_MULTIVERSION void finish_query(const Plan<float>& pl, i64 q) {
+DIFFGEN_FAST_MULTIVERSION void finish_query_generic(const Plan<float>& pl, i64 q) {
     if (pl.diff) {
         finish_query_impl<float, true>(pl, q);
     } else {
@@ -572,26 +679,77 @@ DIFFGEN_FAST_MULTIVERSION void finish_query(const Plan<double>& pl, i64 q) {
     }
 }
 
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+DIFFGEN_FAST_BF16 void run_task_bf16(const Plan<float>& pl, i64 task) { run_task_impl<float, 8, false, true>(pl, task); }
+DIFFGEN_FAST_BF16 void finish_query_bf16(const Plan<float>& pl, i64 q) { finish_query_impl<float, false, true>(pl, q); }
+#pragma GCC diagnostic pop
+
+// The bf16 screen runs for float32 data with the norm expansion on a CPU with AVX512-BF16, unless
+// DIFFGEN_FAST_CPU_KERNEL=generic.
+bool use_bf16_knn() {
+    static const bool ok = [] {
+        if (const char* e = std::getenv("DIFFGEN_FAST_CPU_KERNEL")) {
+            if (std::strcmp(e, "generic") == 0) return false;
+        }
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512bf16");
+    }();
+    return ok;
+}
+#else
+bool use_bf16_knn() { return false; }
+#endif
+
+void run_task(const Plan<float>& pl, i64 task) {
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+    if (pl.bf16) return run_task_bf16(pl, task);
+#endif
+    run_task_generic(pl, task);
+}
+
+void finish_query(const Plan<float>& pl, i64 q) {
+#if DIFFGEN_FAST_HAS_MULTIVERSION
+    if (pl.bf16) return finish_query_bf16(pl, q);
+#endif
+    finish_query_generic(pl, q);
+}
+
+// The bf16 pairs of panels [pan0, pan1) of y (zero past d and past n).
+void pack_panels_bf16(const float* y, i64 n, i64 d, i64 d2, std::uint32_t* ypack16, i64 pan0, i64 pan1) {
+    constexpr int P = kPanel<float>;
+    for (i64 pan = pan0; pan < pan1; ++pan) {
+        std::uint32_t* dst = ypack16 + pan * d2 * P;
+        for (int j = 0; j < P; ++j) {
+            const i64 i = pan * P + j;
+            for (i64 p = 0; p < d2; ++p) dst[p * P + j] = i < n ? bf16_pair(y + i * d, p, d) : 0u;
+        }
+    }
+}
+
 // Packs panels [pan0, pan1) of y, with their bias, and returns the largest ||y||^2 among them.
 template <typename T>
 double pack_panels(const T* y, i64 n, i64 d, bool diff, T* ypack, T* bias, i64 pan0, i64 pan1) {
     constexpr int P = kPanel<T>;
     double ymax2 = 0.0;
     for (i64 pan = pan0; pan < pan1; ++pan) {
-        T* dst = ypack + pan * d * P;
+        T* dst = ypack != nullptr ? ypack + pan * d * P : nullptr;  // null: the bias only
         for (int j = 0; j < P; ++j) {
             const i64 i = pan * P + j;
             if (i < n) {
                 const T* yr = y + i * d;
                 double yy = 0.0;
-                for (i64 p = 0; p < d; ++p) {
-                    dst[p * P + j] = yr[p];
-                    yy += static_cast<double>(yr[p]) * static_cast<double>(yr[p]);
+                for (i64 p = 0; p < d; ++p) yy += static_cast<double>(yr[p]) * static_cast<double>(yr[p]);
+                if (dst != nullptr) {
+                    for (i64 p = 0; p < d; ++p) dst[p * P + j] = yr[p];
                 }
                 ymax2 = std::max(ymax2, yy);
                 bias[pan * P + j] = diff ? T(0) : static_cast<T>(yy);
             } else {
-                for (i64 p = 0; p < d; ++p) dst[p * P + j] = T(0);
+                if (dst != nullptr) {
+                    for (i64 p = 0; p < d; ++p) dst[p * P + j] = T(0);
+                }
                 bias[pan * P + j] = std::numeric_limits<T>::infinity();
             }
         }
@@ -624,8 +782,11 @@ void knn_topk(const T* x, const T* y, i64 M, i64 n, i64 d, i64 k, double* out_di
     pl.n = n;
     pl.d = d;
     pl.k = k;
-    pl.kk = std::min(n, k + 8 + k / 8);
     pl.diff = d <= kSmallD;
+    pl.bf16 = std::is_same<T, float>::value && !pl.diff && use_bf16_knn();
+    pl.d2 = (d + 1) / 2;
+    // the bf16 screen's error is wider: more slack so that its candidates still certify the top-k
+    pl.kk = std::min(n, pl.bf16 ? k + 16 + k / 4 : k + 8 + k / 8);
     pl.mr = std::strcmp(simd_level(), "avx512f") == 0 ? 8 : 4;
     pl.out_dist = out_dist;
     pl.out_index = out_index;
@@ -633,7 +794,9 @@ void knn_topk(const T* x, const T* y, i64 M, i64 n, i64 d, i64 k, double* out_di
 
     // Pack the training points (and their norms).
     pl.npan = (n + P - 1) / P;
-    auto ypack = aligned_array<T>(static_cast<std::size_t>(pl.npan * d * P));
+    auto ypack = aligned_array<T>(pl.bf16 ? 0 : static_cast<std::size_t>(pl.npan * d * P));
+    auto ypack16 = aligned_array<std::uint32_t>(pl.bf16 ? static_cast<std::size_t>(pl.npan * pl.d2 * P) : 0);
+    pl.ypack16 = ypack16.get();
     auto bias = aligned_array<T>(static_cast<std::size_t>(pl.npan * P));
     pl.ypack = ypack.get();
     pl.bias = bias.get();
@@ -643,12 +806,18 @@ void knn_topk(const T* x, const T* y, i64 M, i64 n, i64 d, i64 k, double* out_di
         std::vector<double> part(static_cast<std::size_t>(nsteps), 0.0);
         T* yp = ypack.get();
         T* bp = bias.get();
+        std::uint32_t* y16 = ypack16.get();
         const bool diff = pl.diff;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel && nsteps > 1)
 #endif
         for (i64 i = 0; i < nsteps; ++i) {
-            part[i] = pack_panels<T>(y, n, d, diff, yp, bp, i * step, std::min(pl.npan, (i + 1) * step));
+            const i64 p0 = i * step, p1 = std::min(pl.npan, (i + 1) * step);
+            if constexpr (std::is_same<T, float>::value) {
+                if (pl.bf16) pack_panels_bf16(y, n, d, pl.d2, y16, p0, p1);
+            }
+            // the bias (and ymax2); the fp32 panels themselves only without the bf16 screen
+            part[i] = pack_panels<T>(y, n, d, diff, pl.bf16 ? nullptr : yp, bp, p0, p1);
         }
         pl.ymax2 = *std::max_element(part.begin(), part.end());
     }
@@ -678,7 +847,7 @@ void knn_topk(const T* x, const T* y, i64 M, i64 n, i64 d, i64 k, double* out_di
     }
     pl.pan_per_split = (pl.npan + splits - 1) / splits;
     pl.splits = (pl.npan + pl.pan_per_split - 1) / pl.pan_per_split;
-    pl.tile_panels = std::max<i64>(1, kTileBytes / (d * P * static_cast<i64>(sizeof(T))));
+    pl.tile_panels = std::max<i64>(1, kTileBytes / (pl.bf16 ? pl.d2 * P * 4 : d * P * static_cast<i64>(sizeof(T))));
 
     // Query groups bound the candidate storage.
     const i64 per_query = pl.splits * pl.kk * static_cast<i64>(sizeof(T) + sizeof(i64));
@@ -729,6 +898,8 @@ void knn_topk(const T* x, const T* y, i64 M, i64 n, i64 d, i64 k, double* out_di
         if (error) std::rethrow_exception(error);
     }
 }
+
+const char* knn_kernel_name() { return use_bf16_knn() ? "bf16 screen (avx512bf16)" : "fp32 panels"; }
 
 template void knn_topk<float>(const float*, const float*, i64, i64, i64, i64, double*, i64*, i64);
 template void knn_topk<double>(const double*, const double*, i64, i64, i64, i64, double*, i64*, i64);

@@ -25,6 +25,10 @@ template <typename T>
 void knn_topk(const T* x, const T* y, std::int64_t M, std::int64_t n, std::int64_t d, std::int64_t k,
               double* out_dist, std::int64_t* out_index, std::int64_t index_offset);
 
+// The first pass float32 data with d > 32 runs on this CPU: "bf16 screen (avx512bf16)" (bf16 dot products with a
+// certified bound, then the float64 re-rank; DIFFGEN_FAST_CPU_KERNEL=generic turns it off) or "fp32 panels".
+const char* knn_kernel_name();
+
 extern template void knn_topk<float>(const float*, const float*, std::int64_t, std::int64_t, std::int64_t,
                                      std::int64_t, double*, std::int64_t*, std::int64_t);
 extern template void knn_topk<double>(const double*, const double*, std::int64_t, std::int64_t, std::int64_t,
