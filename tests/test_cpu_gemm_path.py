@@ -159,3 +159,15 @@ def test_sparse_and_dense_output_products_agree(monkeypatch):
     dense = softmax_denoise(x, y, 0.2, backend="cpu")
     assert torch.allclose(sparse, dense, rtol=0, atol=1e-6)
     assert refine.N_REFINE_NATIVE >= refine.N_REFINE
+
+
+def test_fp32_scores_in_column_blocks_equal_one_gemm(monkeypatch):
+    x, y = _problem(6, 1001, 90, seed=5, spread=1.0)
+    yy = y.double().square().sum(1).float()
+    monkeypatch.setattr(native, "_GEMM_COLS", 300)  # three full blocks and a partial one
+    out = torch.full((6, 1001), float("nan"))
+    T = native._scores32(yy, 2 * x, y, out=out)
+    assert T is out
+    want = torch.addmm(yy.neg()[None, :], 2 * x, y.T)
+    assert torch.allclose(T, want, rtol=1e-6, atol=1e-4)
+    assert torch.equal(native._scores32(yy, 2 * x, y), T)
