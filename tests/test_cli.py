@@ -162,3 +162,5 @@ def test_info_reports_the_dispatched_simd_variant():
     out = CliRunner().invoke(main, ["info", "--no-check"]).output
     assert f"simd dispatched (kernel variant running on this CPU): {_native.simd_level()}" in out
     assert _native.simd_level() in ("avx512f", "avx2+fma", "baseline")
+    assert f"direct kernel (d <= 64, float32): {_native.direct_kernel()}" in out
+    assert f"knn first pass (d > 32, float32): {_native.knn_kernel()}" in out
