@@ -124,8 +124,8 @@ def _check(x, y, sigma, alpha=1.0):
 
 @pytest.mark.parametrize("sigma", [0.002, 0.3, 1.0, 8.0, 80.0, 1e4])
 def test_gemm_path_every_sigma_on_a_chunk_large_enough_to_sample(sigma):
-    # N >= 4 * _SAMPLE: rows with many candidates are predicted from a sample and skip the fp32 GEMM
-    x, y = _problem(10, 4 * native._SAMPLE + 3, 96, seed=1, spread=min(sigma, 2.0))
+    # N >= 16 * _SAMPLE: rows with many candidates are predicted from a sample and skip the fp32 GEMM
+    x, y = _problem(10, 16 * native._SAMPLE + 3, 96, seed=1, spread=min(sigma, 2.0))
     _check(x, y, sigma)
 
 

@@ -46,7 +46,7 @@ _U32 = 2.0**-24
 _BUF_ELEMS = 1 << 24  # elements of one [M, n] score block of the GEMM path (64 MiB in fp32)
 _GEMM_COLS = 2048  # training points per BLAS call of the fp32 scores
 _Y64_ROWS = 2048  # chunk rows converted to float64 at a time for the float64 GEMM scores
-_SAMPLE = 512  # chunk points sampled to predict rows with too many candidates to refine
+_SAMPLE = 256  # chunk points sampled to predict rows with too many candidates to refine (chunks >= 16x that)
 _SPARSE_PV_DIV = 32  # the sparse output product runs when at most 1 / _SPARSE_PV_DIV of the weights are kept
 
 
@@ -234,7 +234,7 @@ def _exact_rows(x, x64, Y, yy64, xx, xnorm, xs, alpha, sigma, d):
     ymax = float(yy64.max().sqrt())
     # every point is a candidate when the window is wider than any row's score range |T_i - T_j|
     wide = (win >= 4.0 * xnorm * ymax / alpha + ymax * ymax) & ref
-    if n >= 4 * _SAMPLE:
+    if n >= 16 * _SAMPLE:
         guess = (ref & ~wide).nonzero().squeeze(1)
         if guess.numel():
             wide[guess] = _predict_many(xs, Y, yy32, win, guess)
