@@ -94,3 +94,40 @@ def test_avx512_and_generic_kernels_agree():
     generic = torch.tensor(got["out"], dtype=torch.float32)
     ours = softmax_denoise(x, y, sigma, alpha=alpha, backend="cpu")
     assert float((generic - ours).abs().max()) <= 4e-6
+
+
+@pytest.mark.skipif(_native.direct_kernel() != "avx512 intrinsics", reason="the AVX-512 kernel does not run here")
+@pytest.mark.parametrize("d", [1, 2, 7, 33, 64])
+def test_small_sigma_screen_matches_the_full_float64_tiles(d):
+    # the screen (fp32 expansion, float64 only for the candidates within TAIL_NATS) against the same kernel with the
+    # screen off (DIFFGEN_FAST_CPU_SCREEN=0, in a child process: the switch is read once) and the float64 brute
+    # force; sigma from 1e-3 to 10 per query, so tiles switch between the screen and the full tiles, alpha != 1,
+    # near-duplicate training points (many candidates within the window), kde and the denoised output
+    g = torch.Generator().manual_seed(d)
+    y = torch.rand(3000, d, generator=g) * 2 - 1
+    y[1000:1200] = y[:200] + 1e-4 * torch.randn(200, d, generator=g)
+    x = y[torch.randint(0, 3000, (29,), generator=g)] + 0.003 * torch.randn(29, d, generator=g)
+    sigma = torch.logspace(-3, 1, 29, dtype=torch.float64)[torch.randperm(29, generator=g)]
+    alpha = 0.7 + 0.6 * torch.rand(29, generator=g, dtype=torch.float64)
+    code = (
+        "import json, sys, torch\n"
+        "from diffgen_fast.ops import kde_log_density, softmax_denoise\n"
+        "a = json.loads(sys.stdin.read())\n"
+        "x, y = torch.tensor(a['x']), torch.tensor(a['y'])\n"
+        "s, al = torch.tensor(a['s'], dtype=torch.float64), torch.tensor(a['a'], dtype=torch.float64)\n"
+        "print(json.dumps({'out': softmax_denoise(x, y, s, alpha=al, backend='cpu').tolist(),\n"
+        "                  'lse': kde_log_density(x, y, s, backend='cpu').tolist()}))\n"
+    )
+    env = dict(os.environ, DIFFGEN_FAST_CPU_SCREEN="0")
+    payload = json.dumps({"x": x.tolist(), "y": y.tolist(), "s": sigma.tolist(), "a": alpha.tolist()})
+    res = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env,
+                         check=True, timeout=300)  # fmt: skip
+    full = json.loads(res.stdout)
+    out = softmax_denoise(x, y, sigma, alpha=alpha, backend="cpu")
+    lse = kde_log_density(x, y, sigma, backend="cpu")
+    ref = softmax_denoise(x.double(), y.double(), sigma, alpha=alpha, backend="torch", precision="exact")
+    lse_ref = kde_log_density(x.double(), y.double(), sigma, backend="torch")
+    for got, got_lse in ((out, lse), (torch.tensor(full["out"]), torch.tensor(full["lse"]))):
+        assert float((got.double() - ref).abs().max()) <= 2e-6
+        assert float(((got_lse.double() - lse_ref).abs() / lse_ref.abs().clamp_min(1.0)).max()) <= 1e-6
+    assert float((out - torch.tensor(full["out"])).abs().max()) <= 4e-6

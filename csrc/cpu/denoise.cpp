@@ -282,6 +282,8 @@ constexpr std::int64_t kQB8 = 8;     // queries per block of the AVX-512 kernel
 constexpr std::int64_t kG = 4;       // blocks per item (they share each tile while it is in L2)
 constexpr std::int64_t kPanel = 32;  // training points per packed panel (kTN is a multiple)
 constexpr double kExpansionTol = 2.5e-8;  // REFINE_TOL / 4 (diffgen_fast/ops/refine.py)
+constexpr double kScreenTail = 50.0;      // TAIL_NATS (diffgen_fast/ops/refine.py): the screen's window in nats
+constexpr std::int64_t kScreenFrac = 8;   // the screen keeps a tile when at most 1 / kScreenFrac of its pairs pass
 
 struct Scratch8 {
     std::vector<double> xd;   // [kG][d][kQB8] the blocks' queries (float64, exact)
@@ -291,9 +293,12 @@ struct Scratch8 {
     std::vector<float> w;     // [kQB8][kTN + 32] weights, zero beyond tn
     double xx[kG * kQB8];     // ||x||^2 of the blocks' queries (float64)
     std::int64_t nnz[kQB8];
+    std::vector<std::int32_t> cidx;  // [kQB8][kTN + 16] the screen's candidates of each query row
+    std::vector<double> cd;          // [kTN] their float64 distances
+    std::vector<float> cz;           // [kTN + 16] their logits, then weights
     explicit Scratch8(std::int64_t d)
         : xd(kG * kQB8 * d), xf(kG * kQB8 * d), dd(kQB8 * (kTN + 32)), df(kQB8 * (kTN + 32)), w(kQB8 * (kTN + 32)), xx{},
-          nnz{} {}
+          nnz{}, cidx(kQB8 * (kTN + 16)), cd(kTN), cz(kTN + 16) {}
 };
 constexpr std::int64_t kLD = kTN + 32;  // row stride of the scratch tiles
 
@@ -318,7 +323,8 @@ DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE __m512 exp512(__m512 v) {
 }
 
 DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE __mmask16 tail_mask16(std::int64_t rem) {
-    return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+    return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : rem <= 0 ? static_cast<__mmask16>(0)
+                                                                  : static_cast<__mmask16>((1u << rem) - 1u);
 }
 
 // dist[q * kLD + j] = ||x_q - alpha_q y_(t0+j)||^2 in float64 for the block's kQB8 queries (padding queries are 0).
@@ -419,6 +425,51 @@ DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void dist_tile_f32(const float* DIFFGEN_
             _mm512_storeu_ps(dist + q * kLD + jb + 16, acc[q][1]);
         }
     }
+}
+
+// The screen's fp32 norm expansion ||x||^2 - 2 alpha x.y + alpha^2 ||y||^2 for the block's kQB8 queries, one panel of
+// 32 points per register block (one multiply-add per pair and coordinate). Its error is bounded by screen_err.
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void dist_tile_f32x(const float* DIFFGEN_FAST_RESTRICT xq, const double* xx,
+                                                            const double* na_, const float* DIFFGEN_FAST_RESTRICT pk,
+                                                            const float* DIFFGEN_FAST_RESTRICT yyf, std::int64_t d,
+                                                            std::int64_t t0, std::int64_t tn,
+                                                            float* DIFFGEN_FAST_RESTRICT dist,
+                                                            float* DIFFGEN_FAST_RESTRICT rowmin) {
+    alignas(64) float vmin[kQB8][16];
+    for (int q = 0; q < kQB8; ++q) _mm512_store_ps(vmin[q], _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+    for (std::int64_t jb = 0; jb < tn; jb += kPanel) {
+        __m512 acc[kQB8][2];
+        for (int q = 0; q < kQB8; ++q) acc[q][0] = acc[q][1] = _mm512_setzero_ps();
+        const float* yp = pk + ((t0 + jb) / kPanel) * d * kPanel;
+        const __mmask16 m0 = tail_mask16(tn - jb), m1 = tail_mask16(tn - jb - 16);
+        for (std::int64_t k = 0; k < d; ++k) {
+            const __m512 y0 = _mm512_loadu_ps(yp + k * kPanel);
+            const __m512 y1 = _mm512_loadu_ps(yp + k * kPanel + 16);
+            const float* xk = xq + k * kQB8;
+            for (int q = 0; q < kQB8; ++q) {
+                const __m512 xb = _mm512_set1_ps(xk[q]);
+                acc[q][0] = _mm512_fmadd_ps(xb, y0, acc[q][0]);
+                acc[q][1] = _mm512_fmadd_ps(xb, y1, acc[q][1]);
+            }
+        }
+        const __m512 yy0 = _mm512_loadu_ps(yyf + t0 + jb), yy1 = _mm512_loadu_ps(yyf + t0 + jb + 16);
+        const __m512 zero = _mm512_setzero_ps();
+        for (int q = 0; q < kQB8; ++q) {
+            const double al = -na_[q];
+            const __m512 x2 = _mm512_set1_ps(static_cast<float>(xx[q]));
+            const __m512 m2a = _mm512_set1_ps(static_cast<float>(-2.0 * al));
+            const __m512 a2 = _mm512_set1_ps(static_cast<float>(al * al));
+            const __m512 d0 = _mm512_max_ps(_mm512_fmadd_ps(a2, yy0, _mm512_fmadd_ps(m2a, acc[q][0], x2)), zero);
+            const __m512 d1 = _mm512_max_ps(_mm512_fmadd_ps(a2, yy1, _mm512_fmadd_ps(m2a, acc[q][1], x2)), zero);
+            _mm512_storeu_ps(dist + q * kLD + jb, d0);
+            _mm512_storeu_ps(dist + q * kLD + jb + 16, d1);
+            __m512 mn = _mm512_load_ps(vmin[q]);
+            mn = _mm512_mask_min_ps(mn, m0, mn, d0);  // padding points (past tn) never count
+            mn = _mm512_mask_min_ps(mn, m1, mn, d1);
+            _mm512_store_ps(vmin[q], mn);
+        }
+    }
+    for (int q = 0; q < kQB8; ++q) rowmin[q] = _mm512_reduce_min_ps(_mm512_load_ps(vmin[q]));
 }
 
 // Pack the chunk Y [n, d] (row layout) into panels [ceil(n / kPanel)][d][kPanel], zero-padded.
@@ -601,18 +652,107 @@ DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE void tile_softmax(const DirectArgs<float
     }
 }
 
+// The screen of one block and tile ("exact" / "auto" at small sigma). dist: the fp32 expansion (dist_tile_f32x),
+// off from the true squared distance by at most err[q]. A point can carry more than e^-kScreenTail of the best
+// weight so far only if its true distance is within kScreenTail / c of the best true distance so far, so only the
+// points with dist <= min(tile's min dist, best so far) + kScreenTail / c + 2 err (the candidates) can: they get
+// float64 difference distances, their weights update the state, every other point counts as weight 0 (together
+// < n e^-kScreenTail of the top weight, the GEMM path's rule). Returns false, touching nothing, when more than
+// 1 / kScreenFrac of the tile's pairs are candidates (then the caller runs the full float64 tile).
+DIFFGEN_FAST_AVX512 DIFFGEN_FAST_INLINE bool screen_tile(const DirectArgs<float>& a, const float* Y,
+                                                         const StateRef& s, std::int64_t i0, std::int64_t nq,
+                                                         std::int64_t t0, std::int64_t tn, const float* dist,
+                                                         const float* rowmin, const double* err, const double* xd,
+                                                         const double* na_, Scratch8& sc) {
+    const std::int64_t d = a.d;
+    std::int64_t ncand[kQB8];
+    std::int64_t total = 0;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (std::int64_t q = 0; q < nq; ++q) {  // one pass per row: the threshold, then the candidates' indices
+        const std::int64_t i = i0 + q;
+        const double c = a.c[i];
+        const double dbest = s.m[i] == -std::numeric_limits<double>::infinity() ? std::numeric_limits<double>::infinity()
+                                                                               : -s.m[i] / c;
+        const double t = std::min(static_cast<double>(rowmin[q]), dbest) + kScreenTail / c + 2.0 * err[q];
+        float tf = static_cast<float>(t);
+        if (static_cast<double>(tf) < t) tf = std::nextafter(tf, std::numeric_limits<float>::infinity());
+        const __m512 tv = _mm512_set1_ps(tf);
+        const float* dq = dist + q * kLD;
+        std::int32_t* ci = sc.cidx.data() + q * (kTN + 16);
+        std::int64_t nc = 0;
+        for (std::int64_t j = 0; j < tn; j += 16) {
+            const __mmask16 m = _mm512_mask_cmp_ps_mask(tail_mask16(tn - j), _mm512_loadu_ps(dq + j), tv, _CMP_LE_OQ);
+            _mm512_mask_compressstoreu_epi32(ci + nc, m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j))));
+            nc += __builtin_popcount(static_cast<unsigned>(m));
+        }
+        ncand[q] = nc;
+        total += nc;
+        if (total * kScreenFrac > tn * nq) return false;
+    }
+    for (std::int64_t q = 0; q < nq; ++q) {
+        const std::int64_t i = i0 + q;
+        const std::int32_t* ci = sc.cidx.data() + q * (kTN + 16);
+        const std::int64_t nc = ncand[q];
+        if (nc == 0) continue;
+        // float64 differences x - alpha y of the candidates, their minimum, the state re-based on it
+        const double al = -na_[q];
+        double dmin = std::numeric_limits<double>::infinity();
+        for (std::int64_t r = 0; r < nc; ++r) {
+            const float* yr = Y + (t0 + ci[r]) * d;
+            double acc = 0.0;
+            for (std::int64_t k = 0; k < d; ++k) {
+                const double t = xd[k * kQB8 + q] - al * static_cast<double>(yr[k]);
+                acc += t * t;
+            }
+            sc.cd[r] = acc;
+            dmin = std::min(dmin, acc);
+        }
+        const double c = a.c[i];
+        const double zmax = -dmin * c;
+        const double m_new = std::max(s.m[i], zmax);
+        if (zmax - m_new < static_cast<double>(exp_cutoff<float>())) continue;
+        rebase(s, i, d, m_new);
+        const double base = zmax - m_new;
+        float* cz = sc.cz.data();
+        for (std::int64_t r = 0; r < nc; ++r) cz[r] = static_cast<float>(base - (sc.cd[r] - dmin) * c);
+        __m512 ls = _mm512_setzero_ps(), qs = _mm512_setzero_ps();
+        for (std::int64_t r = 0; r < nc; r += 16) {
+            const __mmask16 m = tail_mask16(nc - r);
+            const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_maskz_loadu_ps(m, cz + r)));
+            _mm512_mask_storeu_ps(cz + r, m, e);
+            ls = _mm512_add_ps(ls, e);
+            qs = _mm512_fmadd_ps(e, e, qs);
+        }
+        s.l[i] += static_cast<double>(_mm512_reduce_add_ps(ls));
+        s.q[i] += static_cast<double>(_mm512_reduce_add_ps(qs));
+        if (s.o != nullptr) {
+            double* o = s.o + i * d;
+            for (std::int64_t r = 0; r < nc; ++r) {
+                const double wr = static_cast<double>(cz[r]);
+                if (wr == 0.0) continue;
+                const float* yr = Y + (t0 + ci[r]) * d;
+                for (std::int64_t k = 0; k < d; ++k) o[k] += wr * static_cast<double>(yr[k]);
+            }
+        }
+    }
+    return true;
+}
+
 // One item of the AVX-512 kernel: queries [i0, i0 + nq) (nq <= kG * kQB8) against training points [j0, j1), in
 // blocks of kQB8 queries; every block runs over one tile of kTN points before the next tile, so the tile's panels
 // and rows are read from L2 by the kG blocks. Y: the chunk in row layout [n, d] (for P Y at d >= 16), pk: panels.
 template <bool Exact>
 DIFFGEN_FAST_AVX512 void direct_item_avx512(const DirectArgs<float>& a, const float* Y, const float* pk,
-                                            const double* yy, double ymax, std::int64_t i0, std::int64_t nq,
+                                            const double* yy, const float* yyf, double ymax, std::int64_t i0,
+                                            std::int64_t nq,
                                             std::int64_t j0, std::int64_t j1, const StateRef& s, Scratch8& sc) {
     using A = typename std::conditional<Exact, double, float>::type;
     const std::int64_t d = a.d;
     const std::int64_t nb = (nq + kQB8 - 1) / kQB8;
     double na[kG][kQB8];
     bool expand[kG];
+    bool screen[kG];         // try the screen on this block's tiles (off after a tile where it did not pay)
+    double serr[kG][kQB8];   // the screen's error bound per query (squared-distance units)
     // the expansion is certified for a block when every row's float64 rounding error, at most
     // (d + 4) 2^-53 (|x| + alpha max|y|)^2, costs at most REFINE_TOL / 4 nats: c times that <= kExpansionTol
     for (std::int64_t b = 0; b < nb; ++b) {
@@ -620,6 +760,7 @@ DIFFGEN_FAST_AVX512 void direct_item_avx512(const DirectArgs<float>& a, const fl
         double* xd = sc.xd.data() + b * kQB8 * d;
         float* xf = sc.xf.data() + b * kQB8 * d;
         expand[b] = Exact;
+        screen[b] = Exact && yyf != nullptr;
         for (std::int64_t q = 0; q < kQB8; ++q) {
             na[b][q] = q < nqb ? -a.alpha[ib + q] : 0.0;
             double xx = 0.0;
@@ -630,9 +771,13 @@ DIFFGEN_FAST_AVX512 void direct_item_avx512(const DirectArgs<float>& a, const fl
                 xx += static_cast<double>(v) * static_cast<double>(v);
             }
             sc.xx[b * kQB8 + q] = xx;
+            serr[b][q] = 0.0;
             if (q < nqb) {
                 const double r = std::sqrt(xx) + a.alpha[ib + q] * ymax;
                 expand[b] = expand[b] && static_cast<double>(d + 4) * 0x1p-53 * r * r * a.c[ib + q] <= kExpansionTol;
+                // fp32 expansion: gamma_d of |x| alpha |y| for the dot, the fp32 roundings of ||x||^2, ||y||^2,
+                // alpha, 2 alpha and alpha^2 and of the two multiply-adds, all on magnitudes <= r^2
+                serr[b][q] = 1.01 * static_cast<double>(d + 12) * 0x1p-24 * r * r;
             }
         }
     }
@@ -643,6 +788,16 @@ DIFFGEN_FAST_AVX512 void direct_item_avx512(const DirectArgs<float>& a, const fl
         for (std::int64_t b = 0; b < nb; ++b) {
             const std::int64_t ib = i0 + b * kQB8, nqb = std::min(kQB8, nq - b * kQB8);
             if constexpr (Exact) {
+                if (screen[b]) {
+                    float rmin[kQB8];
+                    dist_tile_f32x(sc.xf.data() + b * kQB8 * d, sc.xx + b * kQB8, na[b], pk, yyf, d, t0, tn,
+                                   sc.df.data(), rmin);
+                    if (screen_tile(a, Y, s, ib, nqb, t0, tn, sc.df.data(), rmin, serr[b],
+                                    sc.xd.data() + b * kQB8 * d, na[b], sc)) {
+                        continue;
+                    }
+                    screen[b] = false;  // the weights spread here: the full float64 tiles from now on
+                }
                 if (expand[b]) {
                     dist_tile_f64x(sc.xd.data() + b * kQB8 * d, sc.xx + b * kQB8, na[b], pk, yy, d, t0, tn,
                                    sc.dd.data());
@@ -658,17 +813,26 @@ DIFFGEN_FAST_AVX512 void direct_item_avx512(const DirectArgs<float>& a, const fl
 }
 
 DIFFGEN_FAST_AVX512 void direct_item_avx512_exact(const DirectArgs<float>& a, const float* Y, const float* pk,
-                                                  const double* yy, double ymax, std::int64_t i0,
+                                                  const double* yy, const float* yyf, double ymax, std::int64_t i0,
                                                   std::int64_t nq, std::int64_t j0, std::int64_t j1,
                                                   const StateRef& s, Scratch8& sc) {
-    direct_item_avx512<true>(a, Y, pk, yy, ymax, i0, nq, j0, j1, s, sc);
+    direct_item_avx512<true>(a, Y, pk, yy, yyf, ymax, i0, nq, j0, j1, s, sc);
 }
 
 DIFFGEN_FAST_AVX512 void direct_item_avx512_fast(const DirectArgs<float>& a, const float* Y, const float* pk,
                                                   const double* yy, double ymax, std::int64_t i0,
                                                  std::int64_t nq, std::int64_t j0, std::int64_t j1,
                                                  const StateRef& s, Scratch8& sc) {
-    direct_item_avx512<false>(a, Y, pk, yy, ymax, i0, nq, j0, j1, s, sc);
+    direct_item_avx512<false>(a, Y, pk, yy, nullptr, ymax, i0, nq, j0, j1, s, sc);
+}
+
+// The small-sigma screen of the exact AVX-512 kernel; DIFFGEN_FAST_CPU_SCREEN=0 turns it off (tests compare both).
+bool screen_enabled() {
+    static const bool ok = [] {
+        const char* e = std::getenv("DIFFGEN_FAST_CPU_SCREEN");
+        return e == nullptr || std::string(e) != "0";
+    }();
+    return ok;
 }
 
 bool use_avx512_direct() {
@@ -805,10 +969,14 @@ void denoise_direct(const float* x, const float* yT, std::int64_t M, std::int64_
             ymax = std::sqrt(ymax);
         }
         const double* yy = yyv.data();
-        auto item = [Y, pk, yy, ymax, exact](const DirectArgs<float>& a_, std::int64_t i0, std::int64_t nq,
+        // the screen's fp32 ||y||^2 (padded like yy; its rounding is in the screen's error bound)
+        std::vector<float> yyfv(exact && screen_enabled() ? yyv.size() : 0);
+        for (std::size_t j = 0; j < yyfv.size(); ++j) yyfv[j] = static_cast<float>(yyv[j]);
+        const float* yyf = yyfv.empty() ? nullptr : yyfv.data();
+        auto item = [Y, pk, yy, yyf, ymax, exact](const DirectArgs<float>& a_, std::int64_t i0, std::int64_t nq,
                                              std::int64_t j0, std::int64_t j1, const StateRef& s_, Scratch8& sc) {
             if (exact) {
-                direct_item_avx512_exact(a_, Y, pk, yy, ymax, i0, nq, j0, j1, s_, sc);
+                direct_item_avx512_exact(a_, Y, pk, yy, yyf, ymax, i0, nq, j0, j1, s_, sc);
             } else {
                 direct_item_avx512_fast(a_, Y, pk, yy, ymax, i0, nq, j0, j1, s_, sc);
             }
