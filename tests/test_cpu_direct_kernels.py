@@ -71,6 +71,15 @@ def test_state_streams_over_chunks_like_one_call():
     assert torch.allclose(o1, o2, rtol=1e-6, atol=1e-7) and torch.allclose(l1, l2, rtol=1e-6)
 
 
+def _child(code, x, y, sigma, alpha, **env):
+    """json.loads of what `code` prints in a child process with the extra environment `env` (the kernel switches are
+    read once per process); x, y, sigma, alpha reach it as JSON on stdin."""
+    payload = json.dumps({"x": x.tolist(), "y": y.tolist(), "s": sigma.tolist(), "a": alpha.tolist()})
+    res = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True,
+                         env=dict(os.environ, **env), check=True, timeout=300)  # fmt: skip
+    return json.loads(res.stdout)
+
+
 @pytest.mark.skipif(_native.direct_kernel() != "avx512 intrinsics", reason="the AVX-512 kernel does not run here")
 def test_avx512_and_generic_kernels_agree():
     # the generic kernel in a child process (the variant is chosen once per process)
@@ -85,11 +94,7 @@ def test_avx512_and_generic_kernels_agree():
         "print(json.dumps({'kernel': _native.direct_kernel(),\n"
         "                  'out': softmax_denoise(x, y, s, alpha=al, backend='cpu').tolist()}))\n"
     )
-    env = dict(os.environ, DIFFGEN_FAST_CPU_KERNEL="generic")
-    payload = json.dumps({"x": x.tolist(), "y": y.tolist(), "s": sigma.tolist(), "a": alpha.tolist()})
-    res = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env,
-                         check=True, timeout=300)  # fmt: skip
-    got = json.loads(res.stdout)
+    got = _child(code, x, y, sigma, alpha, DIFFGEN_FAST_CPU_KERNEL="generic")
     assert got["kernel"] != "avx512 intrinsics"
     generic = torch.tensor(got["out"], dtype=torch.float32)
     ours = softmax_denoise(x, y, sigma, alpha=alpha, backend="cpu")
@@ -118,11 +123,7 @@ def test_small_sigma_screen_matches_the_full_float64_tiles(d):
         "print(json.dumps({'out': softmax_denoise(x, y, s, alpha=al, backend='cpu').tolist(),\n"
         "                  'lse': kde_log_density(x, y, s, backend='cpu').tolist()}))\n"
     )
-    env = dict(os.environ, DIFFGEN_FAST_CPU_SCREEN="0")
-    payload = json.dumps({"x": x.tolist(), "y": y.tolist(), "s": sigma.tolist(), "a": alpha.tolist()})
-    res = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env,
-                         check=True, timeout=300)  # fmt: skip
-    full = json.loads(res.stdout)
+    full = _child(code, x, y, sigma, alpha, DIFFGEN_FAST_CPU_SCREEN="0")
     out = softmax_denoise(x, y, sigma, alpha=alpha, backend="cpu")
     lse = kde_log_density(x, y, sigma, backend="cpu")
     ref = softmax_denoise(x.double(), y.double(), sigma, alpha=alpha, backend="torch", precision="exact")
