@@ -132,3 +132,23 @@ def test_small_sigma_screen_matches_the_full_float64_tiles(d):
         assert float((got.double() - ref).abs().max()) <= 2e-6
         assert float(((got_lse.double() - lse_ref).abs() / lse_ref.abs().clamp_min(1.0)).max()) <= 1e-6
     assert float((out - torch.tensor(full["out"])).abs().max()) <= 4e-6
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e14, 1.8e19])
+def test_small_sigma_screen_at_extreme_magnitudes(scale):
+    # the screen runs only where its fp32 bound holds ((|x| + alpha max|y|)^2 in [2^-60, 2^100]); beyond, the
+    # float64 tiles. Points along one direction at 1.1% to 50% of |x| from it, and the nearest (1%) with alpha > 1
+    # and a norm whose square overflows fp32 at the largest scale: the screen must never drop it. sigma puts the
+    # nearest two ~2 nats apart and ~3% of the points within the 50-nat window (the screen runs where allowed)
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(16, generator=g)
+    x = u / u.norm() * scale
+    t = -0.011 - 0.489 * torch.rand(3000, generator=g)
+    y = x[None] * (1 + t[:, None])
+    y[1500] = x * 1.01
+    X = (1.5 * x)[None].repeat(8, 1)
+    alpha = torch.full((8,), 1.5, dtype=torch.float64)
+    sigma = torch.full((8,), 3.4e-3 * scale, dtype=torch.float64)
+    out = softmax_denoise(X, y, sigma, alpha=alpha, backend="cpu")
+    ref = softmax_denoise(X.double(), y.double(), sigma, alpha=alpha, backend="torch", precision="exact")
+    assert float((out.double() - ref).abs().max()) <= 2e-6 * scale

@@ -776,8 +776,11 @@ DIFFGEN_FAST_AVX512 void direct_item_avx512(const DirectArgs<float>& a, const fl
                 const double r = std::sqrt(xx) + a.alpha[ib + q] * ymax;
                 expand[b] = expand[b] && static_cast<double>(d + 4) * 0x1p-53 * r * r * a.c[ib + q] <= kExpansionTol;
                 // fp32 expansion: gamma_d of |x| alpha |y| for the dot, the fp32 roundings of ||x||^2, ||y||^2,
-                // alpha, 2 alpha and alpha^2 and of the two multiply-adds, all on magnitudes <= r^2
+                // alpha, 2 alpha and alpha^2 and of the two multiply-adds, all on magnitudes <= r^2. The bound
+                // holds only without overflow (r^2 far below fp32's largest value) and where underflow's absolute
+                // error (< 2^-126 r per term, also with flush-to-zero) is far below it: other blocks skip the screen
                 serr[b][q] = 1.01 * static_cast<double>(d + 12) * 0x1p-24 * r * r;
+                screen[b] = screen[b] && r * r <= 0x1p100 && r * r >= 0x1p-60;
             }
         }
     }
