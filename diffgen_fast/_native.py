@@ -203,6 +203,14 @@ def _state_args(state: SoftmaxState, M: int, d: int) -> tuple[int, int, int, int
     return state.m.data_ptr(), state.l.data_ptr(), state.q.data_ptr(), 0 if o is None else o.data_ptr()
 
 
+def _row_major(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """A 2-D tensor the kernel reads and writes in place through a row stride: its rows must be contiguous."""
+    _check_tensor(t, name, dtypes, 2)
+    if t.stride(1) != 1:
+        raise InputError(f"{name} must have contiguous rows (stride 1 along dim 1)")
+    return t
+
+
 def _row_params(t: torch.Tensor, name: str, M: int) -> torch.Tensor:
     _check_tensor(t, name, (torch.float64,), 1)
     if t.shape[0] != M:
@@ -291,9 +299,7 @@ def denoise_epilogue(
     a2c T + off. S is overwritten with the weights e^(z - m), the state updated (o rescaled, not accumulated).
     Returns the bool [n] mask of columns with a nonzero weight when flags is True."""
     module = _require()
-    _check_tensor(S, "S", tuple(_DENOISE_DTYPES), 2)
-    if S.stride(1) != 1:
-        raise InputError("S must have contiguous rows (stride 1 along dim 1)")
+    _row_major(S, "S", tuple(_DENOISE_DTYPES))
     M, n = S.shape
     a2c, off = _row_params(a2c, "a2c", M), _row_params(off, "off", M)
     d = state.o.shape[1] if state.o is not None else 0
@@ -321,9 +327,7 @@ def refine_candidates(
     Y [n, d] float32; alpha, xx (= ||x||^2) float64 [M]; lo float32 [M]. Returns (shift float64 [M], 0 where a row
     was not refined; count int64 [M], every row's candidate count: rows above budget are left untouched)."""
     module = _require()
-    _check_tensor(T, "T", (torch.float32,), 2)
-    if T.stride(1) != 1:
-        raise InputError("T must have contiguous rows (stride 1 along dim 1)")
+    _row_major(T, "T", (torch.float32,))
     M, n = T.shape
     x = _readable(_check_tensor(x, "x", (torch.float32,), 2))
     Y = _readable(_check_tensor(Y, "Y", (torch.float32,), 2))
@@ -349,9 +353,7 @@ def sparse_pv(W: torch.Tensor, Y: torch.Tensor, o: torch.Tensor, tail_w: float, 
     tail_w x the row's largest (the rest weigh < n tail_w of it together). Returns the number of entries used, or -1
     (o untouched) when that would exceed max_nnz: the caller then runs the dense product."""
     module = _require()
-    _check_tensor(W, "W", (torch.float32,), 2)
-    if W.stride(1) != 1:
-        raise InputError("W must have contiguous rows (stride 1 along dim 1)")
+    _row_major(W, "W", (torch.float32,))
     M, n = W.shape
     Y = _readable(_check_tensor(Y, "Y", (torch.float32,), 2))
     _check_tensor(o, "o", (torch.float64,), 2)

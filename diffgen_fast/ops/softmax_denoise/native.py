@@ -184,17 +184,12 @@ def _scores64(x64, a, yy64, Y: torch.Tensor):
     T64 = torch.empty(x64.shape[0], n, dtype=torch.float64)
     rows = min(n, _Y64_ROWS)
     buf = torch.empty(rows, d, dtype=torch.float64)
-    blk = torch.empty(x64.shape[0], rows, dtype=torch.float64)
     nyy = yy64.neg()
     for s in range(0, n, rows):
         e = min(n, s + rows)
         b = buf[: e - s]
         b.copy_(Y[s:e])
-        if e - s == rows:
-            torch.addmm(nyy[None, s:e], xs64, b.T, out=blk)
-            T64[:, s:e] = blk
-        else:
-            T64[:, s:e] = torch.addmm(nyy[None, s:e], xs64, b.T)
+        torch.addmm(nyy[None, s:e], xs64, b.T, out=T64[:, s:e])
     shift = T64.max(dim=1).values
     return T64.sub_(shift[:, None]), shift
 
